@@ -1,0 +1,96 @@
+"""params.yaml: loading, profiles, dotted overrides and flattening for MLflow.
+
+params.yaml holds the `default` profile in its top-level sections; `profile: NAME` deep-merges
+`profiles.NAME` over them. Stage functions receive the merged mapping (or a typed view of one
+section) and never read the file themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from deepsc.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Return `base` with `override` merged in, recursively for nested mappings."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def set_dotted(params: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Set `a.b.c` = value in a nested dict, refusing keys that do not exist (typos)."""
+    node = params
+    parts = dotted_key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"unknown setting '{dotted_key}': '{part}' is not a section")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(f"unknown setting '{dotted_key}'")
+    node[parts[-1]] = value
+
+
+def apply_overrides(params: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Copy of `params` with dotted-key overrides applied, e.g. {"loss.lambda_ta": 0.0}."""
+    result = copy.deepcopy(dict(params))
+    for key, value in overrides.items():
+        set_dotted(result, key, value)
+    return result
+
+
+def load_params(path: str | os.PathLike = DEFAULT_PARAMS, profile: str | None = None) -> dict[str, Any]:
+    """Load params.yaml and resolve its profile (argument > DEEPSC_PROFILE > file's `profile`)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"settings file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    profiles = raw.pop("profiles", {}) or {}
+    name = profile or os.environ.get("DEEPSC_PROFILE") or raw.get("profile", "default")
+    if name != "default":
+        if name not in profiles:
+            raise ConfigError(f"unknown profile '{name}' (known: default, {', '.join(sorted(profiles))})")
+        raw = deep_merge(raw, profiles[name])
+    raw["profile"] = name
+    return raw
+
+
+def section(params: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """One section of the settings, with a clear error when it is missing."""
+    if name not in params or not isinstance(params[name], Mapping):
+        raise ConfigError(f"params.yaml has no '{name}' section")
+    return dict(params[name])
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested settings to dotted keys with string values (for MLflow params)."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = str(value)
+    return flat
+
+
+def outputs_dir(params: Mapping[str, Any]) -> Path:
+    """Root folder of stage outputs (never inside the DVC-tracked data folder)."""
+    return Path(params.get("paths", {}).get("outputs", "outputs"))

@@ -1,0 +1,1 @@
+"""CT data layer: reading scans, the synthetic cohort, validation, preprocessing, analysis."""
