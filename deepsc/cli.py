@@ -34,7 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported (one broken stage never breaks the rest)."""
     parser = argparse.ArgumentParser(prog="deepsc", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
     parser.add_argument("--profile", default=None, help="settings profile (default: the file's `profile`)")
@@ -42,9 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
-        command.set_defaults(_module=module_name)
-        _module(module_name).add_cli(command)
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        command_parser.set_defaults(_module=module_name)
+        if name == command:
+            _module(module_name).add_cli(command_parser)
     return parser
 
 
@@ -52,12 +54,17 @@ def _module(name: str):
     return importlib.import_module(name)
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The first argument that names a command (global options come before it)."""
+    return next((arg for arg in argv if arg in COMMANDS), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(_command_in(argv)).parse_args(argv)
         from deepsc.config import load_params
 
         params = load_params(args.params, args.profile) if _needs_params(args) else {}

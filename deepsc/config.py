@@ -94,3 +94,21 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 def outputs_dir(params: Mapping[str, Any]) -> Path:
     """Root folder of stage outputs (never inside the DVC-tracked data folder)."""
     return Path(params.get("paths", {}).get("outputs", "outputs"))
+
+
+def dump_resolved(params: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write already-resolved settings so that `load_params(path)` returns them unchanged.
+
+    The profile's overrides are merged in already, so the file names the profile but maps it to
+    an empty override (used to hand one exact set of settings to KFP components and runs).
+    """
+    import yaml
+
+    resolved = {key: value for key, value in params.items() if key != "profiles"}
+    name = resolved.get("profile", "default")
+    if name != "default":
+        resolved["profiles"] = {name: {}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return path

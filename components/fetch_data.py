@@ -1,0 +1,35 @@
+"""Step 1: the cohort pinned by data.dvc at a git revision, and the settings of that revision."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def fetch_data(
+    repo_url: str,
+    data_version: str,
+    profile: str,
+    overrides_json: str,
+    mlflow_tracking_uri: str,
+    cohort: Output[Dataset],
+    params: Output[Artifact],
+):
+    """Pull `data/` from the repository's DVC remote at `data_version`; resolve params.yaml."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from deepsc.config import dump_resolved
+    from deepsc.data.fetch import fetch_cohort, resolve_params
+
+    settings = resolve_params(repo_url, data_version, profile, overrides_json)
+    if mlflow_tracking_uri:
+        settings["mlflow"]["tracking_uri"] = mlflow_tracking_uri
+    dump_resolved(settings, params.path)
+    fetch_cohort(repo_url, data_version, Path(cohort.path))
+    manifest = pd.read_csv(Path(cohort.path) / "manifest.csv")
+    cohort.metadata.update({"data_version": data_version, "cases": len(manifest),
+                            **{f"n_{k}": int(v) for k, v in manifest["label"].value_counts().items()}})
+    params.metadata["profile"] = settings["profile"]

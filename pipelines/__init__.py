@@ -1,0 +1,1 @@
+"""The Kubeflow pipeline that wires the components (see deepsc_pipeline.py)."""
