@@ -1,0 +1,132 @@
+"""deepsc.tracking on a throw-away sqlite store."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from deepsc import tracking
+from deepsc.config import flatten
+from deepsc.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One sqlite database for the module (creating its tables costs about a second)."""
+    return tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+
+
+@pytest.fixture
+def tracked(store, monkeypatch, params, request) -> dict:
+    """Settings whose runs go to the module's store, in an experiment of this test's own."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    settings = copy.deepcopy(params)
+    settings["mlflow"]["experiment"] = f"test-{request.node.name}"
+    yield settings
+    while mlflow.active_run() is not None:  # never leak an open run into the next test
+        mlflow.end_run()
+
+
+def _client():
+    import mlflow
+
+    return mlflow.MlflowClient()
+
+
+def test_tracking_uri_env_wins_and_relative_sqlite_is_pinned_to_the_project(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # the working directory must not matter
+    root = tracking.project_root()
+    assert tracking.tracking_uri({"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}) == f"sqlite:///{root / 'mlflow.db'}"
+    assert tracking.tracking_uri({"mlflow": {"tracking_uri": "sqlite:////abs/m.db"}}) == "sqlite:////abs/m.db"
+    assert tracking.tracking_uri({"mlflow": {"tracking_uri": "mlruns"}}) == str(root / "mlruns")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking.tracking_uri({"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}}) == "http://mlflow.example:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///other.db")
+    assert tracking.tracking_uri({}) == f"sqlite:///{root / 'other.db'}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(ConfigError, match="tracking"):
+        tracking.tracking_uri({"mlflow": {}})
+
+
+def test_artifacts_live_beside_a_local_database():
+    assert tracking.artifact_location("sqlite:////srv/db/mlflow.db") == "file:///srv/db/mlartifacts"
+    assert tracking.artifact_location("http://mlflow:5000") is None
+
+
+def test_start_run_logs_all_settings_and_provenance(tracked, store):
+    tracked["extra"] = {"long": "x" * 700, **{f"k{i:03d}": i for i in range(150)}}  # > 1 batch, > 500 chars
+    with tracking.start_run(tracked, "unit", "pretrain-seg") as run:
+        run_id = run.info.run_id
+    stored = _client().get_run(run_id)
+    flat = flatten(tracked)
+    assert set(stored.data.params) == set(flat)
+    assert stored.data.params["loss.lambda_ta"] == flat["loss.lambda_ta"]
+    assert stored.data.params["extra.long"] == "x" * 497 + "..."
+    tags = stored.data.tags
+    assert tags["stage"] == "pretrain-seg" and tags["profile"] == "default"
+    commit, dirty = tracking.git_state(tracking.project_root())
+    assert (tags["git_commit"], tags["git_dirty"]) == (commit, dirty)
+    assert tags["data_version"] == tracking.data_version(tracking.project_root())
+    assert stored.info.status == "FINISHED"
+    assert stored.info.artifact_uri.startswith((store.parent / "mlartifacts").as_uri())
+    import mlflow
+
+    full = mlflow.artifacts.load_dict(f"{stored.info.artifact_uri}/params.json")
+    assert full["extra"]["long"] == "x" * 700
+
+
+def test_nested_run_and_failed_run(tracked):
+    with tracking.start_run(tracked, "parent", "ablation") as parent:
+        with tracking.start_run(tracked, "child", "finetune", nested=True, parent_run_id=parent.info.run_id) as child:
+            child_id = child.info.run_id
+    assert _client().get_run(child_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
+    with pytest.raises(RuntimeError):
+        with tracking.start_run(tracked, "broken", "finetune") as run:
+            raise RuntimeError("boom")
+    assert _client().get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_metrics_per_epoch_and_artifacts(tracked, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")
+    (tmp_path / "summary.csv").write_text("a\n1\n")
+    with tracking.start_run(tracked, "epochs", "finetune") as run:
+        for epoch in (1, 2):
+            tracking.log_metrics_per_epoch({"epoch": epoch, "loss": 1.0 / epoch, "phase": "train", "ok": True}, epoch)
+        tracking.log_artifacts(tmp_path / "out", tmp_path / "summary.csv")
+        with pytest.raises(FileNotFoundError):
+            tracking.log_artifacts(tmp_path / "missing")
+        with pytest.raises(ValueError):
+            tracking.log_metrics_per_epoch({"loss": 1.0}, -1)
+    client = _client()
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5)]
+    assert set(client.get_run(run.info.run_id).data.metrics) == {"loss"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.json", "summary.csv", "params.json"}
+
+
+def test_git_and_data_version_outside_a_checkout(tmp_path):
+    assert tracking.git_state(tmp_path) == ("unknown", "unknown")
+    assert tracking.data_version(tmp_path) == "unversioned"
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  size: 10\n  nfiles: 2\n  path: data\n")
+    assert tracking.data_version(tmp_path) == "0123456789abcdef0123456789abcdef.dir"
+
+
+def test_git_dirty_follows_the_working_tree(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("a")
+    git("add", "a.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "init")
+    commit, dirty = tracking.git_state(tmp_path)
+    assert len(commit) == 40 and dirty == "false"
+    (tmp_path / "a.txt").write_text("b")
+    assert tracking.git_state(tmp_path) == (commit, "true")
