@@ -1,0 +1,65 @@
+"""Patch grid: coverage, zero padding, exact stitching, normalised boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deepsc.data.patches import extract_patch, normalized_box, patch_grid, stitch_patches
+
+
+@pytest.mark.parametrize(
+    "shape, size",
+    [((17, 33, 29), (8, 16, 16)), ((5, 7, 9), (16, 16, 16)), ((16, 64, 64), (16, 64, 64)), ((1, 1, 1), (2, 3, 4))],
+)
+def test_stitch_of_extract_is_identity(shape, size):
+    volume = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    starts = patch_grid(shape, size)
+    patches = [extract_patch(volume, start, size) for start in starts]
+    assert all(p.shape == size for p in patches)
+    np.testing.assert_array_equal(stitch_patches(patches, starts, shape), volume)
+
+
+def test_grid_counts_and_padding():
+    starts = patch_grid((17, 33, 29), (8, 16, 16))
+    assert len(starts) == 3 * 3 * 2
+    assert starts[0] == (0, 0, 0) and starts[-1] == (16, 32, 16)
+    volume = np.ones((17, 33, 29), dtype=np.uint8)
+    last = extract_patch(volume, starts[-1], (8, 16, 16))
+    assert last.dtype == np.uint8
+    assert last.sum() == 1 * 1 * 13  # one slice, one row, 13 columns inside; the rest is padding
+
+
+def test_every_voxel_in_exactly_one_patch():
+    shape, size = (9, 10, 11), (4, 4, 4)
+    coverage = np.zeros(shape, dtype=np.int32)
+    for z, y, x in patch_grid(shape, size):
+        coverage[z : z + 4, y : y + 4, x : x + 4] += 1
+    assert (coverage == 1).all()
+
+
+def test_extract_patch_with_negative_start_pads_before():
+    volume = np.arange(27, dtype=np.int16).reshape(3, 3, 3)
+    patch = extract_patch(volume, (-1, 0, 0), (2, 3, 3))
+    assert (patch[0] == 0).all()
+    np.testing.assert_array_equal(patch[1], volume[0])
+
+
+def test_normalized_box():
+    assert normalized_box((0, 0, 0), (16, 64, 64), (32, 128, 128)) == (0.0, 0.0, 0.0, 0.5, 0.5, 0.5)
+    box = normalized_box((16, 64, 64), (16, 64, 64), (20, 100, 128))
+    assert box[:3] == (0.8, 0.64, 0.5)
+    assert box[3] == pytest.approx(1.6) and box[4] == pytest.approx(1.28) and box[5] == 1.0
+
+
+@pytest.mark.parametrize("bad", [(0, 4, 4), (4, 4), (4, -1, 4), (2.5, 4, 4)])
+def test_bad_sizes_are_rejected(bad):
+    with pytest.raises(ValueError):
+        patch_grid((8, 8, 8), bad)
+
+
+def test_patch_outside_volume_is_rejected():
+    with pytest.raises(ValueError, match="outside"):
+        extract_patch(np.zeros((4, 4, 4)), (4, 0, 0), (2, 2, 2))
+    with pytest.raises(ValueError, match="starts"):
+        stitch_patches([np.zeros((2, 2, 2))], [], (4, 4, 4))
