@@ -1,0 +1,146 @@
+"""MONAI baselines of Table II, trained with the SAME engine, data and tracking as DeepSC.
+
+* ``unet`` - MONAI 3D UNet (``deepsc.model.baselines.build_seg_baseline``) on the same
+  lesion-biased patches ``(B, 1, pd, ph, pw)``, with DeepSC's segmentation loss (Dice + focal,
+  scans without a mask skipped).
+* ``classifier`` - MONAI 3D DenseNet121 or ResNet-18 (``baselines.classifier``) on the same
+  classification input ``(B, 1, N, Hc, Wc)``, with the same inverse-frequency weighted CE.
+
+Only the adapter differs from a DeepSC stage (which input goes in, which output comes out);
+the loop, checkpoints/resume, DDP, AMP and MLflow run are those of :mod:`deepsc.train.engine`
+and :func:`deepsc.train.stages.run_tracked`. Settings: ``baselines.{epochs, lr, batch_size}``,
+seed / amp / workers from ``train``. The folder is rebuilt by
+:func:`deepsc.train.stages.load_model` (``config.json`` ``kind`` = unet | classifier).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Mapping
+
+from deepsc import CLASSES
+from deepsc.errors import ConfigError
+
+KINDS = ("unet", "classifier")
+
+
+def build_baseline(kind: str, params: Mapping[str, Any]) -> "torch.nn.Module":
+    """The untrained MONAI network of ``kind`` (unet | classifier) for these settings."""
+    from deepsc.model.baselines import build_cls_baseline, build_seg_baseline
+
+    if kind not in KINDS:
+        raise ConfigError(f"baseline must be one of {', '.join(KINDS)}, got {kind!r}")
+    return build_seg_baseline(params) if kind == "unet" else build_cls_baseline(params)
+
+
+class BaselineAdapter:
+    """One input tensor in, one DeepSC-named output out; losses from ``deepsc.model.losses``.
+
+    Args:
+        kind: ``unet`` (patch -> ``seg_logit`` ``(B, 1, pd, ph, pw)``) or ``classifier``
+            (cls -> ``cls_logit`` ``(B, 3)``).
+        loss_config: ``LossConfig`` with the training set's class weights.
+    """
+
+    find_unused_parameters = False
+
+    def __init__(self, kind: str, loss_config: Any):
+        if kind not in KINDS:
+            raise ConfigError(f"baseline must be one of {', '.join(KINDS)}, got {kind!r}")
+        self.kind = kind
+        self.input_key, self.output_key = ("patch", "seg_logit") if kind == "unet" else ("cls", "cls_logit")
+        self.loss_config = loss_config
+
+    def trainable_parameters(self, model):
+        return list(model.parameters())
+
+    def forward(self, model, batch):
+        return {self.output_key: model(batch[self.input_key])}
+
+    def loss(self, outputs, batch):
+        from deepsc.model.losses import total_loss
+
+        return total_loss(outputs, batch, self.loss_config)
+
+    def batch_metrics(self, outputs, batch):
+        from deepsc.train.stages import batch_dice
+
+        if self.kind == "unet":
+            return batch_dice(outputs["seg_logit"], batch["lesion"], batch["has_mask"])
+        return {"accuracy": float((outputs["cls_logit"].argmax(1) == batch["label"]).float().mean())}
+
+
+def engine_config(params: Mapping[str, Any]) -> "deepsc.train.engine.EngineConfig":
+    """Epochs, lr and batch size from ``baselines``; seed, amp and workers from ``train``."""
+    from deepsc.train.engine import EngineConfig
+
+    section, train = params.get("baselines"), params.get("train", {})
+    if not isinstance(section, Mapping):
+        raise ConfigError("params.yaml has no 'baselines' section")
+    missing = [k for k in ("epochs", "lr", "batch_size") if k not in section]
+    if missing:
+        raise ConfigError(f"baselines lacks {', '.join(missing)}")
+    return EngineConfig(epochs=int(section["epochs"]), lr=float(section["lr"]), batch_size=int(section["batch_size"]),
+                        seed=int(train.get("seed", 0)), amp=str(train.get("amp", "auto")),
+                        num_workers=int(train.get("num_workers", 0)),
+                        cpu_threads=None if train.get("cpu_threads") is None else int(train["cpu_threads"]))
+
+
+def train_baseline(
+    kind: str,
+    preprocessed: Path,
+    split: Path,
+    out_dir: Path,
+    params: Mapping[str, Any],
+    *,
+    parent_run_id: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train the ``kind`` baseline on the ``train`` subset; returns ``out_dir`` (as DeepSC stages)."""
+    from deepsc.model.losses import LossConfig
+    from deepsc.train.dataset import ScanDataset, class_counts, read_cohort
+    from deepsc.train.engine import seed_everything
+    from deepsc.train.stages import check_patch_size, data_key, run_tracked
+
+    if kind not in KINDS:
+        raise ConfigError(f"baseline must be one of {', '.join(KINDS)}, got {kind!r}")
+    engine = engine_config(params)
+    records = read_cohort(Path(preprocessed), Path(split), "train")
+    check_patch_size(records[0].patch_size, params)
+    dataset = ScanDataset(records, "train", float(params.get("train", {}).get("lesion_patch_prob", 0.8)), engine.seed)
+    counts = class_counts(records)
+    seed_everything(engine.seed)
+    model = build_baseline(kind, params)
+    adapter = BaselineAdapter(kind, LossConfig.from_params(params, class_counts=counts))
+    architecture = "unet" if kind == "unet" else str(params["baselines"]["classifier"])
+    stage = f"baseline-{kind}"
+    config = {
+        "kind": kind,
+        "architecture": architecture,
+        "stage": stage,
+        "task": "seg" if kind == "unet" else "cls",
+        "classes": list(CLASSES),
+        "params": {k: params[k] for k in ("baselines", "preprocess", "loss", "train") if k in params},
+        "data_key": data_key(Path(preprocessed), Path(split)),
+        "class_counts": counts,
+        "engine": {"epochs": engine.epochs, "lr": engine.lr, "batch_size": engine.batch_size, "seed": engine.seed},
+    }
+    return run_tracked(model, dataset, adapter, engine, Path(out_dir), params, config,
+                       run_name=f"baseline-{architecture}", parent_run_id=parent_run_id, progress=progress)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_cli(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--which", required=True, choices=KINDS, help="unet (segmentation) or classifier (baselines.classifier)")
+    parser.add_argument("--preprocessed", type=Path, default=Path("outputs/preprocessed"))
+    parser.add_argument("--split", type=Path, default=Path("outputs/split.csv"))
+    parser.add_argument("--out", type=Path, required=True, help="output folder (resumed when it holds last.pt)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+def run_cli(args: argparse.Namespace, params: Mapping[str, Any]) -> int:
+    print(train_baseline(args.which, args.preprocessed, args.split, args.out, params, progress=not args.no_progress))
+    return 0

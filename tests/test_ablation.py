@@ -1,0 +1,109 @@
+"""Ablation grid: variants are params.yaml keys (so DVC experiments can run them too), stage-1
+models are shared when the variant does not touch them, one parent MLflow run holds them all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from deepsc.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("profile", ["default", "paper", "long"])
+def test_every_variant_key_exists_in_params_yaml(profile):
+    """`dvc exp run -S key=value` needs every override key in params.yaml (apply_overrides refuses unknown ones)."""
+    from deepsc.config import load_params
+    from deepsc.train.ablation import ablation_variants, variant_params
+
+    params = load_params(REPO / "params.yaml", profile)
+    variants = ablation_variants(params)
+    assert {"no_inception", "no_cross_stitch", "lambda_ta_0", "seg_only", "cls_only"} <= set(variants)
+    for name, overrides in variants.items():
+        changed = variant_params(params, overrides)
+        for key, value in overrides.items():
+            section, leaf = key.split(".")
+            assert changed[section][leaf] == value, name
+
+
+def test_dvc_queue_commands_set_params_keys(params):
+    from deepsc.train.ablation import dvc_queue_commands
+
+    lines = dvc_queue_commands(params)
+    assert len(lines) == len(params["ablation"]["variants"])
+    assert "dvc exp run --queue -n lambda_ta_0 -S loss.lambda_ta=0.0" in lines
+    assert "dvc exp run --queue -n no_inception -S model.inception=false" in lines
+    assert "dvc exp run --queue -n seg_only -S train.task=seg" in lines
+
+
+def test_stage1_settings_key_follows_what_stage1_depends_on(params):
+    from deepsc.config import apply_overrides
+    from deepsc.train.stages import settings_key
+
+    def same(stage, overrides):
+        return settings_key(stage, params) == settings_key(stage, apply_overrides(params, overrides))
+
+    for stage in ("pretrain-seg", "pretrain-cls"):
+        assert same(stage, {"loss.lambda_ta": 0.0}) and same(stage, {"model.cross_stitch": False})
+        assert same(stage, {"train.task": "seg"}) and same(stage, {"loss.ta_scales": "single"})
+        assert not same(stage, {"model.inception": False})
+    assert not same("pretrain-seg", {"loss.focal_gamma": 1.0}) and same("pretrain-cls", {"loss.focal_gamma": 1.0})
+    assert not same("finetune", {"loss.lambda_ta": 0.0}) and not same("finetune", {"train.task": "cls"})
+
+
+def test_unknown_variant_is_refused(tmp_path, params):
+    from deepsc.train.ablation import run_ablation_grid
+
+    with pytest.raises(ConfigError, match="no_such_variant"):
+        run_ablation_grid(tmp_path, tmp_path / "split.csv", tmp_path / "out", params, ["no_such_variant"])
+
+
+def test_epochs_scale_applies_to_finetuning(params):
+    from deepsc.config import apply_overrides
+    from deepsc.train.ablation import variant_params
+
+    scaled = variant_params(apply_overrides(params, {"ablation.epochs_scale": 0.5}), {"loss.lambda_ta": 1.0})
+    assert scaled["train"]["finetune"]["epochs"] == max(1, round(params["train"]["finetune"]["epochs"] * 0.5))
+    assert scaled["train"]["pretrain_seg"] == params["train"]["pretrain_seg"]
+
+
+@pytest.mark.slow  # six short trainings on the tiny cohort
+def test_grid_shares_stage1_models_and_nests_runs(tmp_path):
+    import mlflow
+    from test_train import tiny_params, write_tiny_cohort
+
+    from deepsc.tracking import tracking_uri
+    from deepsc.train.ablation import PRETRAIN_CACHE, run_ablation_grid
+    from deepsc.train.stages import train_stage
+
+    pre, split = write_tiny_cohort(tmp_path)
+    params = tiny_params(tmp_path)
+    init = {task: train_stage(f"pretrain-{task}", pre, split, tmp_path / task, params, progress=False) for task in ("seg", "cls")}
+
+    summary = run_ablation_grid(pre, split, tmp_path / "ablation", params, ["lambda_ta_0", "no_inception"], init, progress=False)
+    rows = summary.set_index("variant")
+    assert rows.loc["lambda_ta_0", "seg_init"] == str(init["seg"]) and rows.loc["lambda_ta_0", "cls_init"] == str(init["cls"])
+    assert PRETRAIN_CACHE in rows.loc["no_inception", "seg_init"] and PRETRAIN_CACHE in rows.loc["no_inception", "cls_init"]
+    for variant in ("lambda_ta_0", "no_inception"):
+        assert (tmp_path / "ablation" / variant / "model.pt").is_file()
+    assert (tmp_path / "ablation" / "summary.csv").is_file() and "final_loss" in summary.columns
+
+    client = mlflow.MlflowClient(tracking_uri(params))
+    parents = {client.get_run(run_id).data.tags.get("mlflow.parentRunId") for run_id in summary["run_id"]}
+    assert len(parents) == 1 and None not in parents
+    cache_run = json.loads((Path(rows.loc["no_inception", "seg_init"]) / "run.json").read_text())["run_id"]
+    assert client.get_run(cache_run).data.tags["mlflow.parentRunId"] in parents
+
+    again = run_ablation_grid(pre, split, tmp_path / "ablation", params, ["lambda_ta_0", "no_inception"], init, progress=False)
+    assert list(again["run_id"]) == list(summary["run_id"])  # finished variants are not trained again
+
+
+def test_speed_only_settings_do_not_invalidate_cached_models(params):
+    from deepsc.config import apply_overrides
+    from deepsc.train.stages import STAGES, settings_key
+
+    faster = apply_overrides(params, {"train.cpu_threads": 1, "train.num_workers": 2})
+    assert all(settings_key(stage, params) == settings_key(stage, faster) for stage in STAGES)

@@ -1,0 +1,472 @@
+"""Training engine, dataset and stages on a tiny preprocessed cohort built here.
+
+The cohort helpers (`write_tiny_cohort`, `tiny_params`, the toy model/adapter) are imported by
+test_resume.py, test_ddp.py and test_ablation.py too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepsc import CLASSES
+from deepsc.errors import ConfigError, InputError
+
+SCAN_SHAPE = (16, 32, 32)
+PATCH = (8, 32, 32)
+CLS_SHAPE = (16, 32, 32)  # DeepSC needs multiples of 16
+
+# case_id, label, has_mask, subset; lesions of covid/cap scans lie in the upper patch (z >= 8)
+TINY_CASES = [
+    ("c0", "covid", True, "train"), ("c1", "covid", True, "train"), ("c2", "covid", False, "train"),
+    ("p0", "cap", True, "train"), ("p1", "cap", True, "test"),
+    ("n0", "normal", True, "train"), ("n1", "normal", True, "train"), ("n2", "normal", True, "test"),
+]
+
+
+def write_tiny_cohort(root: Path) -> tuple[Path, Path]:
+    """Preprocessed cohort + split in the documented format (docs/architecture.md)."""
+    from deepsc.data.patches import extract_patch, patch_grid
+
+    pre = root / "preprocessed"
+    rows, split_rows = [], []
+    for i, (case_id, label, has_mask, subset) in enumerate(TINY_CASES):
+        rng = np.random.default_rng(i)
+        image = rng.uniform(0.0, 0.3, SCAN_SHAPE).astype(np.float32)
+        lesion = np.zeros(SCAN_SHAPE, dtype=np.uint8)
+        if label != "normal":
+            lesion[10:14, 8 + i : 16 + i, 10:20] = 1
+            image[lesion == 1] += 0.5
+        case_dir = pre / "cases" / case_id
+        case_dir.mkdir(parents=True)
+        np.save(case_dir / "image.npy", image.astype(np.float16))
+        np.save(case_dir / "lung.npy", np.ones(SCAN_SHAPE, dtype=np.uint8))
+        if has_mask:
+            np.save(case_dir / "lesion.npy", lesion)
+        np.save(case_dir / "cls.npy", image[:: SCAN_SHAPE[0] // CLS_SHAPE[0]].astype(np.float16))
+        starts = patch_grid(SCAN_SHAPE, PATCH)
+        counts = [int(extract_patch(lesion, s, PATCH).sum()) if has_mask else 0 for s in starts]
+        meta = {"case_id": case_id, "shape": list(SCAN_SHAPE), "patch_size": list(PATCH),
+                "patch_starts": [list(s) for s in starts], "patch_lesion_voxels": counts if has_mask else None}
+        (case_dir / "meta.json").write_text(json.dumps(meta))
+        rows.append(f"{case_id},{label},{CLASSES.index(label)},{has_mask},cases/{case_id},hash{i}")
+        split_rows.append(f"{case_id},{label},{subset},{i % 2 if subset == 'train' else -1}")
+    (pre / "index.csv").write_text("case_id,label,label_index,has_mask,case_dir,content_hash\n" + "\n".join(rows) + "\n")
+    split = root / "split.csv"
+    split.write_text("case_id,label,subset,fold\n" + "\n".join(split_rows) + "\n")
+    return pre, split
+
+
+def tiny_params(root: Path, **epochs: int) -> dict:
+    """params.yaml with tiny shapes, 1-2 epochs and MLflow in `root`."""
+    from deepsc.config import apply_overrides, load_params
+
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", "default")
+    params = apply_overrides(params, {
+        "preprocess.patch_size": list(PATCH),
+        "preprocess.cls_slices": CLS_SHAPE[0],
+        "preprocess.cls_size": list(CLS_SHAPE[1:]),
+        "model.seg_widths": [8, 8, 8, 8],
+        "model.cls_widths": [8, 8, 8],
+        "model.norm_groups": 2,
+        "mlflow.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+        "train.pretrain_seg": {"epochs": epochs.get("seg", 1), "lr": 1e-3, "batch_size": 2},
+        "train.pretrain_cls": {"epochs": epochs.get("cls", 1), "lr": 1e-3, "batch_size": 2},
+        "train.finetune": {"epochs": epochs.get("finetune", 1), "lr": 1e-4, "batch_size": 2},
+    })
+    return params
+
+
+# --------------------------------------------------------------------------- toy pieces
+
+
+class ToyDataset:
+    """12 samples of 4 features; label = sign of the feature sum. Records set_epoch calls."""
+
+    def __init__(self, n: int = 12):
+        import torch
+
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 4, generator=generator)
+        self.y = (self.x.sum(1) > 0).long()
+        self.epochs_seen: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs_seen.append(epoch)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "label": self.y[i]}
+
+
+class ToyAdapter:
+    find_unused_parameters = False
+
+    def trainable_parameters(self, model):
+        return list(model.parameters())
+
+    def forward(self, model, batch):
+        return {"logit": model(batch["x"])}
+
+    def loss(self, outputs, batch):
+        import torch.nn.functional as F
+
+        return {"total": F.cross_entropy(outputs["logit"], batch["label"])}
+
+    def batch_metrics(self, outputs, batch):
+        return {"accuracy": float((outputs["logit"].argmax(1) == batch["label"]).float().mean())}
+
+
+def toy_model(seed: int = 1):
+    """A small MLP with dropout (so resuming must restore the RNG state to match)."""
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.3), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(__import__("torch").equal(sa[k], sb[k]) for k in sa)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def test_engine_config_rejects_bad_settings():
+    from deepsc.train.engine import EngineConfig
+
+    with pytest.raises(ConfigError, match="epochs"):
+        EngineConfig(epochs=0, lr=1e-3, batch_size=1)
+    with pytest.raises(ConfigError, match="lr"):
+        EngineConfig(epochs=1, lr=float("nan"), batch_size=1)
+    with pytest.raises(ConfigError, match="amp"):
+        EngineConfig(epochs=1, lr=1e-3, batch_size=1, amp="fp8")
+    with pytest.raises(ConfigError, match="cpu_threads"):
+        EngineConfig(epochs=1, lr=1e-3, batch_size=1, cpu_threads=0)
+    with pytest.raises(ConfigError, match="train.finetune"):
+        EngineConfig.from_params({"train": {}}, "finetune")
+
+
+def test_engine_config_from_params(params):
+    from deepsc.train.engine import EngineConfig
+
+    config = EngineConfig.from_params(params, "finetune", epochs_scale=0.5)
+    assert config.lr == params["train"]["finetune"]["lr"] and config.seed == params["train"]["seed"]
+    assert config.epochs == max(1, round(params["train"]["finetune"]["epochs"] * 0.5))
+
+
+def test_amp_is_off_on_cpu():
+    import torch
+
+    from deepsc.train.engine import resolve_amp
+
+    for mode in ("auto", "off", "bf16", "fp16"):
+        assert resolve_amp(mode, torch.device("cpu")) is None
+    assert resolve_amp("auto", torch.device("cuda")) is torch.bfloat16
+    assert resolve_amp("fp16", torch.device("cuda")) is torch.float16
+
+
+def test_rng_state_round_trips_through_weights_only_checkpoint(tmp_path):
+    import random
+
+    import torch
+
+    from deepsc.train.engine import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    atomic_torch_save({"rng": rng_state()}, tmp_path / "state.pt")
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    set_rng_state(load_checkpoint(tmp_path / "state.pt")["rng"])  # weights_only=True inside
+    assert torch.equal(torch.rand(3), expected[0])
+    np.testing.assert_array_equal(np.random.rand(3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary left behind
+
+
+def test_fit_trains_writes_outputs_and_decays_lr(tmp_path):
+    import torch
+
+    from deepsc.train.engine import EngineConfig, fit
+
+    dataset = ToyDataset()
+    result = fit(toy_model(), dataset, ToyAdapter(), EngineConfig(epochs=4, lr=5e-2, batch_size=4, seed=0), tmp_path, progress=False)
+    assert dataset.epochs_seen == [0, 1, 2, 3]
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    lrs = [r["lr"] for r in result.history]
+    assert lrs[0] == pytest.approx(5e-2) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] == pytest.approx(5e-2 / 4)  # linear: the last epoch starts at 1/4, ends at 0
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert set(state) == set(result.model.state_dict())
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 4 and checkpoint["scheduler"]["last_epoch"] == 4 * 3
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    history = (tmp_path / "history.csv").read_text().splitlines()
+    assert history[0].split(",")[0] == "epoch" and len(history) == 5
+
+
+def test_fit_refuses_a_checkpoint_of_other_settings(tmp_path):
+    from deepsc.train.engine import EngineConfig, fit
+
+    fit(toy_model(), ToyDataset(), ToyAdapter(), EngineConfig(epochs=1, lr=1e-2, batch_size=4), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="lr"):
+        fit(toy_model(), ToyDataset(), ToyAdapter(), EngineConfig(epochs=1, lr=2e-2, batch_size=4), tmp_path, progress=False)
+
+
+def test_fit_stops_on_a_diverging_loss(tmp_path):
+    from deepsc.train.engine import EngineConfig, TrainingDiverged, fit
+
+    class NaNAdapter(ToyAdapter):
+        def loss(self, outputs, batch):
+            return {"total": outputs["logit"].sum() * float("nan")}
+
+    with pytest.raises(TrainingDiverged, match="epoch 1, step 1"):
+        fit(toy_model(), ToyDataset(), NaNAdapter(), EngineConfig(epochs=1, lr=1e-2, batch_size=4), tmp_path, progress=False)
+
+
+def test_fit_trains_only_the_adapters_parameters(tmp_path):
+    import torch
+
+    from deepsc.train.engine import EngineConfig, fit
+
+    class FirstLayerOnly(ToyAdapter):
+        def trainable_parameters(self, model):
+            return list(model[0].parameters())
+
+    model = toy_model()
+    frozen = {k: v.clone() for k, v in model[3].state_dict().items()}
+    fit(model, ToyDataset(), FirstLayerOnly(), EngineConfig(epochs=1, lr=1e-2, batch_size=4), tmp_path, progress=False)
+    assert all(torch.equal(model[3].state_dict()[k], v) for k, v in frozen.items())
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    return write_tiny_cohort(tmp_path)
+
+
+def test_read_cohort_selects_the_subset_and_counts_classes(cohort):
+    from deepsc.train.dataset import class_counts, read_cohort
+
+    pre, split = cohort
+    train = read_cohort(pre, split, "train")
+    assert [r.case_id for r in train] == ["c0", "c1", "c2", "p0", "n0", "n1"]
+    assert class_counts(train) == [3, 1, 2]
+    assert [r.case_id for r in read_cohort(pre, split, "train", folds=[1])] == ["c1", "p0", "n0"]
+    c2 = train[2]
+    assert not c2.has_mask and c2.lesion_patches == ()
+    assert train[0].lesion_patches == (1,) and train[0].shape == SCAN_SHAPE and len(train[0].starts) == 2
+
+
+def test_read_cohort_names_the_broken_case(cohort):
+    from deepsc.train.dataset import read_cohort
+
+    pre, split = cohort
+    (pre / "cases" / "p0" / "cls.npy").unlink()
+    with pytest.raises(InputError, match="p0.*cls.npy"):
+        read_cohort(pre, split, "train")
+    split.write_text(split.read_text() + "ghost,covid,train,0\n")
+    with pytest.raises(InputError, match="ghost"):
+        read_cohort(pre, split, "train")
+    with pytest.raises(ConfigError, match="subset"):
+        read_cohort(pre, split, "validation")
+
+
+def test_training_items_have_documented_shapes(cohort):
+    import torch
+
+    from deepsc.train.dataset import ScanDataset, read_cohort
+
+    dataset = ScanDataset(read_cohort(*cohort, "train"), "train", lesion_patch_prob=1.0, seed=3)
+    item = dataset[0]
+    assert item["cls"].shape == (1, *CLS_SHAPE) and item["cls"].dtype == torch.float32
+    assert item["patch"].shape == (1, *PATCH) and item["lesion"].shape == (1, *PATCH)
+    assert item["label"].dtype == torch.int64 and int(item["label"]) == 0 and bool(item["has_mask"])
+    # lesion_patch_prob = 1: the lesion patch (upper half, z >= 8) with its lesion, box (0.5 .. 1)
+    assert item["lesion"].sum() > 0
+    torch.testing.assert_close(item["box"], torch.tensor([0.5, 0.0, 0.0, 1.0, 1.0, 1.0]))
+    unknown = dataset[2]  # c2: covid without a mask
+    assert not bool(unknown["has_mask"]) and unknown["lesion"].sum() == 0
+
+
+def test_patch_draws_are_lesion_biased_and_reproducible(cohort):
+    from deepsc.train.dataset import ScanDataset, read_cohort
+
+    records = read_cohort(*cohort, "train")
+    biased = ScanDataset(records, "train", lesion_patch_prob=0.8, seed=0)
+    uniform = ScanDataset(records, "train", lesion_patch_prob=0.0, seed=0)
+
+    def lesion_share(dataset) -> float:
+        draws = []
+        for epoch in range(200):
+            dataset.set_epoch(epoch)
+            draws.append(dataset.choose_patch(0))
+        return sum(d == 1 for d in draws) / len(draws)
+
+    assert 0.85 <= lesion_share(biased) <= 0.95  # 0.8 + 0.2 * 1/2
+    assert 0.35 <= lesion_share(uniform) <= 0.65
+    again = ScanDataset(records, "train", lesion_patch_prob=0.8, seed=0)
+    for epoch in (0, 7):
+        biased.set_epoch(epoch), again.set_epoch(epoch)
+        assert [biased.choose_patch(i) for i in range(len(records))] == [again.choose_patch(i) for i in range(len(records))]
+
+
+def test_eval_items_are_whole_scans(cohort):
+    from deepsc.train.dataset import ScanDataset, read_cohort
+
+    dataset = ScanDataset(read_cohort(*cohort, "test"), "eval")
+    item = dataset[0]
+    assert item["case_id"] == "p1" and item["image"].shape == (1, *SCAN_SHAPE)
+    assert item["lesion"].shape == (1, *SCAN_SHAPE) and item["lesion"].sum() > 0
+    with pytest.raises(ConfigError, match="lesion_patch_prob"):
+        ScanDataset(dataset.records, "train", lesion_patch_prob=1.5)
+
+
+# --------------------------------------------------------------------------- stages (DeepSC, MLflow)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The three stages on the tiny cohort, one epoch each (shared by the tests below)."""
+    from deepsc.train.stages import train_stage
+
+    root = tmp_path_factory.mktemp("stages")
+    pre, split = write_tiny_cohort(root)
+    params = tiny_params(root)
+    seg = train_stage("pretrain-seg", pre, split, root / "seg", params, progress=False)
+    cls = train_stage("pretrain-cls", pre, split, root / "cls", params, progress=False)
+    joint = train_stage("finetune", pre, split, root / "joint", params, {"seg": seg, "cls": cls}, progress=False)
+    return {"root": root, "pre": pre, "split": split, "params": params, "seg": seg, "cls": cls, "joint": joint}
+
+
+def _state(folder: Path) -> dict:
+    import torch
+
+    return torch.load(folder / "model.pt", weights_only=True)
+
+
+def test_stages_write_their_folder_and_one_mlflow_run_each(trained):
+    import mlflow
+
+    from deepsc.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri(trained["params"]))
+    for name, stage, metric in (("seg", "pretrain-seg", "dice"), ("cls", "pretrain-cls", "accuracy"), ("joint", "finetune", "loss_ta")):
+        folder = trained[name]
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "history.csv", "last.pt", "model.pt", "run.json"]
+        config = json.loads((folder / "config.json").read_text())
+        assert config["stage"] == stage and config["class_counts"] == [3, 1, 2]
+        run = client.get_run(json.loads((folder / "run.json").read_text())["run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["stage"] == stage
+        assert metric in run.data.metrics and "lr" in run.data.metrics
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"model.pt", "config.json", "history.csv", "last.pt"}
+
+
+def test_pretraining_trains_only_its_own_path(trained):
+    import torch
+
+    from deepsc.train.stages import prepare_stage
+
+    untrained = prepare_stage("pretrain-seg", trained["pre"], trained["split"], trained["params"]).model.state_dict()
+    seg, cls = _state(trained["seg"]), _state(trained["cls"])
+    changed = lambda state, prefix: any(not torch.equal(v, untrained[k]) for k, v in state.items() if k.startswith(prefix))  # noqa: E731
+    unchanged = lambda state, prefix: all(torch.equal(v, untrained[k]) for k, v in state.items() if k.startswith(prefix))  # noqa: E731
+    assert changed(seg, "lesion.") and unchanged(seg, "classifier.") and unchanged(seg, "cls_stem.")
+    assert changed(cls, "classifier.") and unchanged(cls, "lesion.") and unchanged(cls, "seg_stem.")
+
+
+def test_finetune_starts_from_both_stage1_models_and_trains_the_cross_stitch(trained):
+    import torch
+
+    from deepsc.train.stages import prepare_stage
+
+    start = prepare_stage("finetune", trained["pre"], trained["split"], trained["params"],
+                          {"seg": trained["seg"], "cls": trained["cls"]}).model.state_dict()
+    seg, cls = _state(trained["seg"]), _state(trained["cls"])
+    assert all(torch.equal(start[k], seg[k]) for k in start if k.startswith(("lesion.", "seg_stem.")))
+    assert all(torch.equal(start[k], cls[k]) for k in start if k.startswith(("classifier.", "cls_stem.")))
+    joint = _state(trained["joint"])
+    stitch = [k for k in joint if k.startswith("cross_stitch.")]
+    assert stitch and all(not torch.equal(joint[k], start[k]) for k in stitch)
+
+
+def test_single_task_finetune_keeps_the_other_path(trained, tmp_path):
+    import torch
+
+    from deepsc.config import apply_overrides
+    from deepsc.train.stages import train_stage
+
+    params = apply_overrides(trained["params"], {"train.task": "seg"})
+    folder = train_stage("finetune", trained["pre"], trained["split"], tmp_path / "seg_only", params,
+                         {"seg": trained["seg"], "cls": trained["cls"]}, progress=False)
+    state, cls = _state(folder), _state(trained["cls"])
+    assert all(torch.equal(state[k], cls[k]) for k in cls if k.startswith("classifier."))
+    assert json.loads((folder / "config.json").read_text())["task"] == "seg"
+    assert "loss_cls" not in (folder / "history.csv").read_text().splitlines()[0]
+
+
+def test_load_model_rebuilds_a_trained_folder(trained):
+    import torch
+
+    from deepsc.train.stages import load_model
+
+    model, config = load_model(trained["joint"])
+    assert config["stage"] == "finetune" and not model.training
+    assert all(torch.equal(v, _state(trained["joint"])[k]) for k, v in model.state_dict().items())
+
+
+def test_finetune_refuses_missing_or_wrong_stage1_folders(trained):
+    from deepsc.train.stages import prepare_stage
+
+    args = (trained["pre"], trained["split"], trained["params"])
+    with pytest.raises(ConfigError, match="--seg-init"):
+        prepare_stage("finetune", *args, {"seg": trained["seg"]})
+    with pytest.raises(InputError, match="pretrain-seg"):
+        prepare_stage("finetune", *args, {"seg": trained["cls"], "cls": trained["cls"]})
+    with pytest.raises(ConfigError, match="unknown stage"):
+        prepare_stage("pretrain", *args)
+
+
+def test_cli_trains_a_stage(trained, tmp_path, capsys):
+    import yaml
+
+    from deepsc.cli import main
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(trained["params"]))
+    out = tmp_path / "cli_cls"
+    code = main(["--params", str(params_file), "train", "--stage", "pretrain-cls", "--preprocessed", str(trained["pre"]),
+                 "--split", str(trained["split"]), "--out", str(out), "--no-progress"])
+    assert code == 0 and (out / "model.pt").is_file()
+    code = main(["--params", str(params_file), "train", "--stage", "finetune", "--preprocessed", str(trained["pre"]),
+                 "--split", str(trained["split"]), "--out", str(tmp_path / "x"), "--seg-init", str(out)])
+    assert code != 0 and "--cls-init" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, metric", [
+    ("unet", "dice"),
+    pytest.param("classifier", "accuracy", marks=pytest.mark.slow),  # MONAI resnet18: 33 M parameters
+])
+def test_baselines_train_with_the_same_engine(trained, tmp_path, kind, metric):
+    import torch
+
+    from deepsc.config import apply_overrides
+    from deepsc.train.baselines import train_baseline
+    from deepsc.train.stages import load_model
+
+    params = apply_overrides(trained["params"], {"baselines.epochs": 1, "baselines.unet_channels": [4, 8, 16]})
+    folder = train_baseline(kind, trained["pre"], trained["split"], tmp_path / kind, params, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "history.csv", "last.pt", "model.pt", "run.json"]
+    assert metric in (folder / "history.csv").read_text().splitlines()[0]
+    model, config = load_model(folder)
+    assert config["kind"] == kind and config["architecture"] == ("unet" if kind == "unet" else "resnet18")
+    shape = (1, 1, *PATCH) if kind == "unet" else (1, 1, *CLS_SHAPE)
+    assert model(torch.zeros(shape)).shape == ((1, 1, *PATCH) if kind == "unet" else (1, 3))
