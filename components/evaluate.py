@@ -8,6 +8,7 @@ from components import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(
+    cohort: Input[Dataset],
     model: Input[Model],
     preprocessed: Input[Dataset],
     split_table: Input[Dataset],
@@ -29,7 +30,8 @@ def evaluate(
     from deepsc.evaluate import evaluate_model
 
     out = Path(evaluation.path)
-    evaluate_model(Path(model.path), Path(preprocessed.path), Path(split_table.path), out, load_params(params.path))
+    evaluate_model(Path(model.path), Path(preprocessed.path), Path(split_table.path), out, load_params(params.path),
+                   manifest=Path(cohort.path) / "manifest.csv")
     summary = json.loads((out / "metrics.json").read_text())
     for key, value in summary.items():
         if isinstance(value, (int, float)) and value == value:

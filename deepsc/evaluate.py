@@ -287,7 +287,7 @@ def _aggregate(per_case: Any, predictor: Any) -> tuple[dict[str, Any], dict[str,
 
 
 def evaluate_model(model_dir: Path, preprocessed: Path, split: Path, out_dir: Path, params: Mapping[str, Any],
-                   compare: Sequence[Path] = (), *, progress: bool = True) -> dict[str, Any]:
+                   compare: Sequence[Path] = (), *, manifest: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Evaluate a model folder on the held-out scans and write the outputs listed above.
 
     Args:
@@ -297,6 +297,8 @@ def evaluate_model(model_dir: Path, preprocessed: Path, split: Path, out_dir: Pa
         out_dir: output folder (created).
         params: merged settings (``evaluate``, ``paths.manifest``, ``mlflow``).
         compare: folders holding more model folders (ablations, baselines) to compare with.
+        manifest: the cohort manifest whose original lesion masks are the reference (default:
+            ``paths.manifest``); it must be the cohort that was preprocessed.
         progress: tqdm bars.
 
     Returns:
@@ -306,7 +308,7 @@ def evaluate_model(model_dir: Path, preprocessed: Path, split: Path, out_dir: Pa
 
     out_dir = Path(out_dir)
     cases = test_cases(Path(preprocessed), Path(split))
-    masks = original_masks(params, cases)
+    masks = original_masks(manifest or Path((params.get("paths") or {}).get("manifest", "data/manifest.csv")), cases)
     chunk = int(params.get("evaluate", {}).get("sw_batch_size", 4))
     main = evaluate_predictor(Predictor.from_dir(model_dir, chunk_size=chunk), cases, params, masks,
                               Path(model_dir).name, Path(model_dir), progress)
@@ -323,9 +325,8 @@ def evaluate_model(model_dir: Path, preprocessed: Path, split: Path, out_dir: Pa
     return {**main.metrics, "seg_geometry": main.seg_geometry}
 
 
-def original_masks(params: Mapping[str, Any], cases: Sequence[TestCase]) -> OriginalMasks | None:
+def original_masks(manifest: Path, cases: Sequence[TestCase]) -> OriginalMasks | None:
     """Original-grid reference masks when the manifest has them all, else None (with a warning)."""
-    manifest = Path((params.get("paths") or {}).get("manifest", "data/manifest.csv"))
     try:
         return OriginalMasks(manifest, cases)
     except InputError as exc:
@@ -537,6 +538,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocessed", type=Path, default=Path("outputs/preprocessed"))
     parser.add_argument("--split", type=Path, default=Path("outputs/split.csv"))
     parser.add_argument("--out", type=Path, default=Path("outputs/evaluation"))
+    parser.add_argument("--manifest", type=Path, default=None,
+                        help="cohort manifest with the original lesion masks (default: paths.manifest)")
     parser.add_argument("--compare", type=Path, nargs="*", default=[],
                         help="folders of more model folders to compare with (e.g. outputs/ablation outputs/baselines)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -546,7 +549,7 @@ def run_cli(args: argparse.Namespace, params: Mapping[str, Any]) -> int:
     if not params:
         raise ConfigError("evaluate needs params.yaml (sections evaluate, paths, mlflow)")
     metrics = evaluate_model(args.model, args.preprocessed, args.split, args.out, params, args.compare,
-                             progress=not args.no_progress)
+                             manifest=args.manifest, progress=not args.no_progress)
     shown = {k: metrics.get(k) for k in ("dsc_mean", "nsd_mean", "rmsd_mm_mean", "accuracy", "f1_macro", "auc_macro")}
     print(" ".join(f"{k}={v:.4f}" if _finite(v) else f"{k}=n/a" for k, v in shown.items()))
     print(f"segmentation measured on the {metrics['seg_geometry']} grid; outputs in {args.out}")

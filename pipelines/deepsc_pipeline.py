@@ -57,5 +57,5 @@ def deepsc_pipeline(
     seg = _on_gpu(_resources(pretrain_seg(**common), "8", "32Gi"))
     cls = _on_gpu(_resources(pretrain_cls(**common), "8", "32Gi"))
     joint = _on_gpu(_resources(finetune(seg_init=seg.outputs["model"], cls_init=cls.outputs["model"], **common), "8", "32Gi"))
-    evaluation = _on_gpu(_resources(evaluate(model=joint.outputs["model"], **common), "8", "32Gi"))
+    evaluation = _on_gpu(_resources(evaluate(cohort=data.outputs["cohort"], model=joint.outputs["model"], **common), "8", "32Gi"))
     _resources(register(model=joint.outputs["model"], evaluation=evaluation.outputs["evaluation"], params=params), "1", "2Gi")

@@ -56,9 +56,9 @@ def ablation_variants(params: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     if not isinstance(variants, Mapping) or not variants:
         raise ConfigError("params.yaml has no ablation.variants")
     for name, overrides in variants.items():
-        if not isinstance(overrides, Mapping) or not overrides:
-            raise ConfigError(f"ablation variant {name!r} must map dotted settings to values")
-    return {str(name): dict(overrides) for name, overrides in variants.items()}
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise ConfigError(f"ablation variant {name!r} must map dotted settings to values ({{}} = as configured)")
+    return {str(name): dict(overrides or {}) for name, overrides in variants.items()}
 
 
 def variant_params(params: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
