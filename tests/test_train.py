@@ -470,3 +470,32 @@ def test_baselines_train_with_the_same_engine(trained, tmp_path, kind, metric):
     assert config["kind"] == kind and config["architecture"] == ("unet" if kind == "unet" else "resnet18")
     shape = (1, 1, *PATCH) if kind == "unet" else (1, 1, *CLS_SHAPE)
     assert model(torch.zeros(shape)).shape == ((1, 1, *PATCH) if kind == "unet" else (1, 3))
+
+
+def test_mirror_left_right_flips_inputs_and_box_together():
+    import torch
+
+    from deepsc.train.dataset import mirror_left_right
+
+    patch = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4)
+    item = {"cls": patch.clone(), "patch": patch.clone(), "lesion": (patch > 20).float(),
+            "box": torch.tensor([0.0, 0.5, 0.75, 0.5, 1.0, 1.25]), "label": torch.tensor(1)}
+    mirrored = mirror_left_right(item)
+    assert torch.equal(mirrored["patch"][..., 0], patch[..., -1])
+    assert torch.equal(mirrored["lesion"], torch.flip(item["lesion"], dims=(-1,)))
+    # x range [0.75, 1.25) (a zero-padded edge patch) becomes [-0.25, 0.25); z and y untouched
+    assert torch.allclose(mirrored["box"], torch.tensor([0.0, 0.5, -0.25, 0.5, 1.0, 0.25]))
+    assert torch.equal(item["box"], torch.tensor([0.0, 0.5, 0.75, 0.5, 1.0, 1.25])), "input left unchanged"
+    assert torch.equal(mirrored["label"], item["label"])
+
+
+def test_mirrored_box_with_negative_start_reads_the_right_scan_region():
+    import torch
+
+    from deepsc.model.coords import crop_from_grid
+
+    scan = torch.arange(8, dtype=torch.float32).view(1, 1, 1, 1, 8).expand(1, 1, 2, 2, 8).contiguous()
+    right_edge = crop_from_grid(scan, torch.tensor([[0.0, 0.0, 0.75, 1.0, 1.0, 1.25]]), (2, 2, 4))
+    mirrored_scan = torch.flip(scan, dims=(-1,))
+    left_edge = crop_from_grid(mirrored_scan, torch.tensor([[0.0, 0.0, -0.25, 1.0, 1.0, 0.25]]), (2, 2, 4))
+    assert torch.allclose(torch.flip(left_edge, dims=(-1,)), right_edge)

@@ -14,10 +14,14 @@ hold for 0.6 mm and 5 mm scans:
    gas does not). A component spanning both sides of the body's midline (lungs touching at a
    junction line) is split by erosion and re-grown into two lungs.
 5. Each lung is filled: per-slice holes (vessels, dense lesions inside the lung), a 3D closing
-   with a ball of ``closing_radius_mm``, and per slice the bays of its convex hull whose mouth
-   faces the chest wall (consolidation touching the pleura) -- bays opening towards the other
-   lung or the mediastinum (heart, hilum) and bays too deep or too large (liver dome) are not
-   filled.
+   with a ball of ``closing_radius_mm`` (30 mm: consolidation biting into the lung from the
+   mediastinum, the diaphragm or the chest wall, up to about that radius, while the heart,
+   aorta and spine, broader than the ball, stay out; fat and bone are never added), and per
+   slice the bays of its convex hull whose mouth faces the chest wall (consolidation touching
+   the pleura) -- bays opening towards the other lung or the mediastinum (heart, hilum) and
+   bays too deep or too large (liver dome) are not filled. The large closing also fills the
+   hilar soft tissue, so the mask is about 2 % larger than an anatomical lung mask: it is made
+   to keep lesions in the model's input, and lesions matter more than the hilum.
 
 The lungmask backend (Hofmanninger et al. 2020, U-net R231) runs only when given a local
 weights file; nothing is ever downloaded.
@@ -42,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("threshold", "lungmask")
 
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2
 """Bumped whenever the threshold backend's output changes (part of preprocessing's content hash)."""
 
 _IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -69,7 +73,9 @@ class ThresholdSettings:
     airway_min_area_mm2: float = 30.0
     split_fraction: float = 0.15
     max_split_erosion_mm: float = 20.0
-    closing_radius_mm: float = 6.0
+    closing_radius_mm: float = 30.0
+    fat_hu: tuple[float, float] = (-200.0, -40.0)
+    bone_hu: float = 300.0
     bay_max_depth_mm: float = 50.0
     bay_max_area_fraction: float = 1.0
     bay_inner_fraction: float = 0.3
@@ -77,6 +83,8 @@ class ThresholdSettings:
     def __post_init__(self) -> None:
         if not -1000.0 < self.airway_lumen_hu < self.air_hu <= 0.0:
             raise ConfigError(f"need -1000 < airway_lumen_hu < air_hu <= 0 HU, got {self.airway_lumen_hu}, {self.air_hu}")
+        if not self.air_hu < self.fat_hu[0] < self.fat_hu[1] < self.bone_hu:
+            raise ConfigError(f"need air_hu < fat_hu[0] < fat_hu[1] < bone_hu, got {self.air_hu}, {self.fat_hu}, {self.bone_hu}")
         positive = {k: v for k, v in self.__dict__.items() if not k.endswith("_hu")}
         bad = [k for k, v in positive.items() if not v > 0]
         if bad:
@@ -136,8 +144,15 @@ def threshold_lungs(hu: np.ndarray, spacing: tuple[float, float, float], setting
     candidates = air & body & ~airway
     midline = body_midline(body)
     sides = split_lungs(select_lungs(candidates, work_spacing, settings), midline, work_spacing, settings)
-    lungs = fill_lungs(sides, midline, work_spacing, settings, exclude=airway)
+    fillable = body & ~airway & ~_fat_or_bone(small, settings)
+    lungs = fill_lungs(sides, midline, work_spacing, settings, exclude=airway, fillable=fillable)
     return upsample_mask(lungs, factors, hu.shape)
+
+
+def _fat_or_bone(hu: np.ndarray, settings: ThresholdSettings) -> np.ndarray:
+    """Voxels that are never lung tissue, so the closing does not add them: fat (mediastinal,
+    pericardial, extrapleural) and bone (ribs, spine)."""
+    return ((hu >= settings.fat_hu[0]) & (hu <= settings.fat_hu[1])) | (hu > settings.bone_hu)
 
 
 def working_factors(spacing: tuple[float, float, float], work_spacing_mm: float) -> tuple[int, int, int]:
@@ -377,16 +392,26 @@ def _ball(radius_mm: float, spacing: tuple[float, float, float]) -> np.ndarray:
     return sum((g * (s if r else 0.0) / radius_mm) ** 2 for g, s, r in zip(grids, spacing, radii)) <= 1.0
 
 
-def close_lung(lung: np.ndarray, spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:
-    """Per-slice hole filling, a 3D closing with a ball of ``radius_mm``, hole filling again."""
+def close_lung(lung: np.ndarray, spacing: tuple[float, float, float], radius_mm: float, fillable: np.ndarray | None = None) -> np.ndarray:
+    """Per-slice hole filling, a 3D closing with a ball of ``radius_mm``, hole filling again.
+
+    The closing is exact in mm (two Euclidean distance transforms, so its cost does not grow
+    with the radius): it adds the voxels that a ball of ``radius_mm`` rolling outside the lung
+    cannot reach -- bites narrower than the ball, such as a consolidation against the
+    mediastinum or the diaphragm. Only ``fillable`` voxels (bool, same shape; all when None)
+    are added by the closing. Returns bool ``(Z, Y, X)``; an empty mask stays empty.
+    """
     lung = fill_holes_per_slice(lung)
     if not lung.any():
         return lung
-    ball = _ball(radius_mm, spacing)
-    radius = tuple(n // 2 for n in ball.shape)
+    pad = [int(np.ceil(radius_mm / s)) + 1 for s in spacing]
     region = _bounding_slices(lung)
-    crop = np.pad(lung[region], [(r, r) for r in radius])
-    closed = ndimage.binary_closing(crop, ball)[tuple(slice(r, r + n) for r, n in zip(radius, lung[region].shape))]
+    crop = np.pad(lung[region], [(p, p) for p in pad])
+    grown = ndimage.distance_transform_edt(~crop, sampling=spacing) <= radius_mm
+    closed = ndimage.distance_transform_edt(grown, sampling=spacing) > radius_mm
+    closed = closed[tuple(slice(p, p + n) for p, n in zip(pad, lung[region].shape))]
+    if fillable is not None:
+        closed &= fillable[region]
     lung[region] |= closed
     return fill_holes_per_slice(lung)
 
@@ -397,16 +422,19 @@ def fill_lungs(
     spacing: tuple[float, float, float],
     settings: ThresholdSettings,
     exclude: np.ndarray | None = None,
+    fillable: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Union of both lungs with vessels, holes and wall-touching dense lesions filled (bool).
+    """Union of both lungs with vessels, holes and dense lesions filled (bool).
+
+    Each lung is closed on its own (:func:`close_lung`, adding only ``fillable`` voxels), so
+    the mediastinum between the lungs is never bridged.
 
     Wall bays (see :func:`_wall_bays`) are grouped in 3D per lung and filled only where lung
     lies beneath the group's lowest slice: a consolidation is surrounded by lung, whereas the
-    liver and spleen domes rise from below the lung base. ``exclude`` (the airway and its wall)
-    is removed last; the parts of it enclosed by one lung in a slice (intrapulmonary bronchi)
-    are filled back.
+    liver and spleen domes rise from below the lung base. ``exclude`` (the tracked airway and
+    its wall) is removed last, also where the closing wraps the main bronchi at the hila.
     """
-    lungs = [close_lung(sides == side, spacing, settings.closing_radius_mm) for side in (1, 2)]
+    lungs = [close_lung(sides == side, spacing, settings.closing_radius_mm, fillable) for side in (1, 2)]
     bays = [np.zeros_like(lung) for lung in lungs]
     either = lungs[0] | lungs[1]
     for z in np.flatnonzero(either.any(axis=(1, 2))):
@@ -416,9 +444,8 @@ def fill_lungs(
             bays[this][z][region] = _wall_bays(crops[this], crops[other], midline - region[1].start, spacing[1:], settings)
     for lung, bay in zip(lungs, bays):
         lung |= _bays_with_lung_beneath(bay, lung)
-        if exclude is not None:
-            lung &= ~exclude
-    return fill_holes_per_slice(lungs[0]) | fill_holes_per_slice(lungs[1])
+    both = fill_holes_per_slice(lungs[0]) | fill_holes_per_slice(lungs[1])
+    return both if exclude is None else both & ~exclude
 
 
 def _bays_with_lung_beneath(bays: np.ndarray, lung: np.ndarray) -> np.ndarray:
@@ -529,11 +556,28 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2.0 * np.logical_and(a, b).sum() / total)
 
 
-def cohort_lung_dice(manifest: Path, lungseg_params: dict[str, Any]) -> "Any":
-    """Dice of :func:`segment_lungs` against each case's true lung mask (``lung_path``).
+def lesion_outside(lung: np.ndarray, lesion: np.ndarray) -> float:
+    """Fraction of the ``lesion`` voxels that lie outside ``lung`` (same shape, any dtype).
 
-    Returns a pandas DataFrame ``case_id, dice, volume_ml, true_volume_ml, seconds`` for the
-    cases that have a true lung mask.
+    Those voxels are zeroed in the model input by preprocessing, so the model cannot segment
+    them. NaN when the lesion mask is empty (normal scans).
+    """
+    lesion = np.asarray(lesion).astype(bool)
+    total = int(lesion.sum())
+    if total == 0:
+        return float("nan")
+    return float(np.logical_and(lesion, ~np.asarray(lung).astype(bool)).sum() / total)
+
+
+COHORT_COLUMNS = ("case_id", "label", "dice", "lesion_outside", "volume_ml", "true_volume_ml", "seconds")
+
+
+def cohort_lung_dice(manifest: Path, lungseg_params: Mapping[str, Any]) -> "Any":
+    """Score :func:`segment_lungs` on the cases with a true lung mask (``lung_path``).
+
+    Returns a pandas DataFrame with :data:`COHORT_COLUMNS`: Dice against the true lungs,
+    :func:`lesion_outside` against the case's lesion mask (``mask_path``; NaN without one or
+    when it is empty), both volumes in mL and the segmentation time in seconds.
     """
     import time
 
@@ -552,22 +596,47 @@ def cohort_lung_dice(manifest: Path, lungseg_params: dict[str, Any]) -> "Any":
         start = time.perf_counter()
         mask = segment_lungs_from_params(volume, lungseg_params)
         seconds = time.perf_counter() - start
+        mask_path = str(case.mask_path) if isinstance(case.mask_path, str) else ""
+        lesion = read_mask(mask_path, volume, case.case_id, binarize=True) if mask_path else None
         rows.append(
             {
                 "case_id": case.case_id,
+                "label": case.label,
                 "dice": dice(mask, truth),
+                "lesion_outside": float("nan") if lesion is None else lesion_outside(mask, lesion),
                 "volume_ml": float(mask.sum()) * volume.voxel_volume_ml,
                 "true_volume_ml": float(truth.sum()) * volume.voxel_volume_ml,
                 "seconds": seconds,
             }
         )
-    return pd.DataFrame(rows, columns=["case_id", "dice", "volume_ml", "true_volume_ml", "seconds"])
+    return pd.DataFrame(rows, columns=list(COHORT_COLUMNS))
+
+
+def cohort_summary(table: "Any") -> "Any":
+    """Per-label summary of :func:`cohort_lung_dice`: Dice mean/min, lesion fraction outside
+    the lung mean/max (over the cases with a lesion), seconds mean; plus an ``all`` row."""
+    import pandas as pd
+
+    def summarise(group: "Any") -> dict[str, float]:
+        lesion = group["lesion_outside"].dropna()
+        return {
+            "cases": len(group),
+            "dice_mean": group["dice"].mean(),
+            "dice_min": group["dice"].min(),
+            "lesion_outside_mean": lesion.mean() if len(lesion) else float("nan"),
+            "lesion_outside_max": lesion.max() if len(lesion) else float("nan"),
+            "seconds_mean": group["seconds"].mean(),
+        }
+
+    rows = {str(label): summarise(group) for label, group in table.groupby("label", sort=True)}
+    rows["all"] = summarise(table)
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scan", nargs="?", type=Path, help="a scan (NIfTI file or DICOM folder) to segment")
     parser.add_argument("--out", type=Path, help="where to write the lung mask (.nii.gz), overlaying the scan")
-    parser.add_argument("--manifest", type=Path, help="report Dice against each case's lung_path instead")
+    parser.add_argument("--manifest", type=Path, help="report Dice against each case's lung_path and the lesion fraction outside the mask instead")
 
 
 def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> int:
@@ -581,7 +650,7 @@ def run_cli(args: argparse.Namespace, params: dict[str, Any]) -> int:
         if table.empty:
             raise InputError(str(args.manifest), "no case has a true lung mask (lung_path)")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-        print(f"lung Dice over {len(table)} cases: mean {table['dice'].mean():.4f}, min {table['dice'].min():.4f}")
+        print(cohort_summary(table).to_string(float_format=lambda v: f"{v:.4f}"))
         return 0
     if args.scan is None or args.out is None:
         raise ConfigError("usage: deepsc lungseg SCAN --out MASK.nii.gz  (or --manifest MANIFEST.csv)")

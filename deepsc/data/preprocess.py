@@ -6,7 +6,9 @@ cohort"):
 1. crop the scan to the bounding box of its lung mask plus ``crop_margin_mm``;
 2. clip HU to ``hu_window`` and map it to [0, 1] (the paper's fixed (x + 1400) / 1600);
 3. resample to ``target_spacing_mm`` (trilinear with anti-aliasing for the image, linear then
-   > 0.5 for masks; ``null`` keeps the native spacing) and multiply the image by the lung;
+   > 0.5 for masks; ``null`` keeps the native spacing) and multiply the image by the lung
+   mask grown by ``mask_margin_mm`` (a classical lung mask cuts off dense consolidation that
+   touches the mediastinum or diaphragm; the margin keeps those lesions visible to the model);
 4. the classification input: N equidistant slices (the paper's eq. 12) resized in-plane;
 5. the non-overlapping patch grid and its per-patch lesion voxel counts.
 
@@ -63,6 +65,7 @@ class PreprocessSettings:
         cls_size: ``(Hc, Wc)`` in-plane size of the classification input.
         patch_size: ``(pd, ph, pw)`` segmentation patch.
         crop_margin_mm: margin kept around the lung bounding box.
+        mask_margin_mm: the image is multiplied by the lung mask grown by this distance (mm).
     """
 
     hu_window: tuple[float, float] = (-1400.0, 200.0)
@@ -71,6 +74,7 @@ class PreprocessSettings:
     cls_size: tuple[int, int] = (64, 64)
     patch_size: tuple[int, int, int] = (16, 64, 64)
     crop_margin_mm: float = 10.0
+    mask_margin_mm: float = 15.0
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "PreprocessSettings":
@@ -92,6 +96,7 @@ class PreprocessSettings:
                 "cls_size": tuple(raw.get("cls_size", cls.cls_size)),
                 "patch_size": tuple(raw.get("patch_size", cls.patch_size)),
                 "crop_margin_mm": float(raw.get("crop_margin_mm", cls.crop_margin_mm)),
+                "mask_margin_mm": float(raw.get("mask_margin_mm", cls.mask_margin_mm)),
             }
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"bad preprocess setting: {exc}") from None
@@ -112,6 +117,8 @@ class PreprocessSettings:
             raise ConfigError(f"preprocess.patch_size must be three positive integers, got {list(self.patch_size)}")
         if self.crop_margin_mm < 0:
             raise ConfigError(f"preprocess.crop_margin_mm must be >= 0, got {self.crop_margin_mm}")
+        if self.mask_margin_mm < 0:
+            raise ConfigError(f"preprocess.mask_margin_mm must be >= 0, got {self.mask_margin_mm}")
 
 
 def _positive_ints(values: Sequence[Any]) -> bool:
@@ -197,8 +204,9 @@ def preprocess_case(
     out_shape, out_spacing = output_grid(crop_shape, volume.spacing, settings.target_spacing_mm)
 
     lung_out = resize(lung[crop], out_shape, order=1) > 0.5
-    windowed = window_hu(volume.array[crop], settings.hu_window) * lung[crop]
-    image = resize(windowed, out_shape, order=1, anti_alias=True) * lung_out
+    envelope = grow_mask(lung[crop], volume.spacing, settings.mask_margin_mm)
+    windowed = window_hu(volume.array[crop], settings.hu_window) * envelope
+    image = resize(windowed, out_shape, order=1, anti_alias=True) * (resize(envelope, out_shape, order=1) > 0.5)
     lesion_out = None if lesion is None else resize(np.asarray(lesion)[crop] > 0, out_shape, order=1) > 0.5
     cls_input = classification_input(image, settings.cls_slices, settings.cls_size)
 
@@ -225,6 +233,16 @@ def preprocess_case(
         cls=cls_input,
         meta=meta,
     )
+
+
+def grow_mask(mask: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:
+    """``mask`` grown by ``margin_mm`` (Euclidean, real spacing); 0 mm returns it unchanged."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if margin_mm <= 0:
+        return mask
+    return ndimage.distance_transform_edt(~mask, sampling=spacing) <= margin_mm
 
 
 def preprocess_volume_for_inference(volume: CTVolume, params: Mapping[str, Any]) -> PreprocessedCase:

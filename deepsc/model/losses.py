@@ -160,6 +160,27 @@ def segmentation_loss(seg_logit: torch.Tensor, lesion: torch.Tensor, cfg: LossCo
     return {"dice": dice, "focal": focal, "seg": cfg.lambda_dice * dice + cfg.lambda_focal * focal}
 
 
+def batch_dice_loss(seg_logit: torch.Tensor, lesion: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss over the masked samples of the batch taken together (nnU-Net's batch Dice).
+
+    Per-sample Dice on a patch without lesion (normal scans, half the training patches) is
+    ``1 - 1 / (sum S + 1)``: it only says "predict nothing" and drowns the lesion patches.
+    Pooled over the batch, an empty patch adds its false positives to the denominator instead.
+    No masked sample -> 0 (kept in the graph).
+
+    Args:
+        seg_logit: ``(B, 1, pd, ph, pw)`` fused logit.
+        lesion: same shape, {0, 1}.
+        mask: ``(B,)`` bool, samples whose lesion mask is known.
+    """
+    if not bool(mask.any()):
+        return seg_logit.sum() * 0.0
+    prob = torch.sigmoid(seg_logit[mask].float())
+    target = lesion[mask].to(prob.dtype)
+    overlap = (prob * target).sum()
+    return 1.0 - (2.0 * overlap + 1.0) / (prob.sum() + target.sum() + 1.0)
+
+
 def classification_loss(cls_logit: torch.Tensor, label: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """Eq. 9: class-weighted cross-entropy, mean over the batch of ``xi_y * CE``."""
     label = torch.as_tensor(label, device=cls_logit.device).long().view(-1)
@@ -220,9 +241,11 @@ def total_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any], cfg: LossCo
         if "lesion" not in batch:
             raise ValueError("the batch needs 'lesion' for the segmentation loss")
         mask = _as_mask(batch, seg_logit.shape[0], seg_logit.device)
-        seg = segmentation_loss(seg_logit, torch.as_tensor(batch["lesion"], device=seg_logit.device), cfg)
-        for key, per_sample in seg.items():
-            result[key] = _masked_mean(per_sample, mask, seg_logit)
+        lesion = torch.as_tensor(batch["lesion"], device=seg_logit.device)
+        seg = segmentation_loss(seg_logit, lesion, cfg)
+        result["focal"] = _masked_mean(seg["focal"], mask, seg_logit)
+        result["dice"] = batch_dice_loss(seg_logit, lesion, mask)
+        result["seg"] = cfg.lambda_dice * result["dice"] + cfg.lambda_focal * result["focal"]
         terms.append(cfg.lambda_seg * result["seg"])
 
     if cls_logit is not None:

@@ -108,7 +108,9 @@ def train_baseline(
     engine = engine_config(params)
     records = read_cohort(Path(preprocessed), Path(split), "train")
     check_patch_size(records[0].patch_size, params)
-    dataset = ScanDataset(records, "train", float(params.get("train", {}).get("lesion_patch_prob", 0.8)), engine.seed)
+    train = params.get("train", {})
+    dataset = ScanDataset(records, "train", float(train.get("lesion_patch_prob", 0.8)), engine.seed,
+                          flip_prob=float(train.get("flip_prob", 0.0)))
     counts = class_counts(records)
     seed_everything(engine.seed)
     model = build_baseline(kind, params)

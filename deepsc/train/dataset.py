@@ -105,9 +105,13 @@ class ScanDataset:
         seed: seed of the patch draws.
     """
 
-    def __init__(self, records: Sequence[CaseRecord], mode: str = "train", lesion_patch_prob: float = 0.8, seed: int = 0):
+    def __init__(self, records: Sequence[CaseRecord], mode: str = "train", lesion_patch_prob: float = 0.8, seed: int = 0,
+                 flip_prob: float = 0.0):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if not 0.0 <= float(flip_prob) <= 1.0:
+            raise ConfigError(f"train.flip_prob must be in [0, 1], got {flip_prob!r}")
+        self.flip_prob = float(flip_prob)
         if not 0.0 <= float(lesion_patch_prob) <= 1.0:
             raise ConfigError(f"train.lesion_patch_prob must be in [0, 1], got {lesion_patch_prob!r}")
         if not records:
@@ -147,7 +151,10 @@ class ScanDataset:
             item["image"] = torch.from_numpy(image[None])
             item["lesion"] = torch.from_numpy(self._lesion(record, image.shape)[None])
             return item
-        return {**item, **self._patch_item(record, self.choose_patch(index))}
+        item.update(self._patch_item(record, self.choose_patch(index)))
+        if self.flip_prob and np.random.default_rng([self.seed, self.epoch, index, 1]).random() < self.flip_prob:
+            item = mirror_left_right(item)
+        return item
 
     def choose_patch(self, index: int) -> int:
         """The patch drawn for scan ``index`` in the current epoch (a pure function of seed, epoch, index)."""
@@ -239,3 +246,21 @@ def _with_patch_grid(case_id: str, label_index: int, has_mask: bool, case_dir: P
 def _load(record: CaseRecord, name: str) -> np.ndarray:
     """Memory-mapped read: a patch touches only its own slices of the scan."""
     return np.load(record.case_dir / name, mmap_mode="r")
+
+
+def mirror_left_right(item: dict[str, Any]) -> dict[str, Any]:
+    """Training augmentation: the scan mirrored across the sagittal plane (x -> 1 - x).
+
+    The classification input, the patch and its lesion mask are flipped along X together and
+    the patch's normalised box is mirrored (``x0, x1 -> 1 - x1, 1 - x0``; a zero-padded edge
+    patch then starts before 0), so the cross-stitch still finds the patch where it is.
+    """
+    import torch
+
+    mirrored = dict(item)
+    for key in ("cls", "patch", "lesion"):
+        mirrored[key] = torch.flip(item[key], dims=(-1,))
+    box = item["box"].clone()
+    box[2], box[5] = 1.0 - item["box"][5], 1.0 - item["box"][2]
+    mirrored["box"] = box
+    return mirrored

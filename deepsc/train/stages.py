@@ -43,9 +43,9 @@ RUN_FILE = "run.json"
 _MODEL_BUT_CROSS_STITCH = ("model.inception", "model.seg_widths", "model.cls_widths", "model.seg_eta", "model.norm_groups")
 STAGE_SETTINGS = {
     "pretrain-seg": (*_MODEL_BUT_CROSS_STITCH, "preprocess", "loss.lambda_dice", "loss.lambda_focal", "loss.focal_gamma",
-                     "loss.focal_alpha", "train.seed", "train.lesion_patch_prob", "train.pretrain_seg"),
-    "pretrain-cls": (*_MODEL_BUT_CROSS_STITCH, "preprocess", "train.seed", "train.lesion_patch_prob", "train.pretrain_cls"),
-    "finetune": ("model", "preprocess", "loss", "train.seed", "train.lesion_patch_prob", "train.task", "train.amp",
+                     "loss.focal_alpha", "train.seed", "train.lesion_patch_prob", "train.flip_prob", "train.pretrain_seg"),
+    "pretrain-cls": (*_MODEL_BUT_CROSS_STITCH, "preprocess", "train.seed", "train.lesion_patch_prob", "train.flip_prob", "train.pretrain_cls"),
+    "finetune": ("model", "preprocess", "loss", "train.seed", "train.lesion_patch_prob", "train.flip_prob", "train.task", "train.amp",
                  "train.finetune"),
 }
 
@@ -196,7 +196,8 @@ def prepare_stage(
     records = read_cohort(Path(preprocessed), Path(split), "train")
     check_patch_size(records[0].patch_size, params)
     lesion_patch_prob = float(params.get("train", {}).get("lesion_patch_prob", 0.8))
-    dataset = ScanDataset(records, "train", lesion_patch_prob, engine.seed)
+    flip_prob = float(params.get("train", {}).get("flip_prob", 0.0))
+    dataset = ScanDataset(records, "train", lesion_patch_prob, engine.seed, flip_prob=flip_prob)
     counts = class_counts(records)
 
     seed_everything(engine.seed)
