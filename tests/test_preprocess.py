@@ -14,6 +14,7 @@ from deepsc.data.lungseg import dice
 from deepsc.data.preprocess import (
     PreprocessSettings,
     cls_slice_indices,
+    grow_mask,
     load_case,
     preprocess_case,
     preprocess_cohort,
@@ -58,7 +59,12 @@ def test_case_arrays_follow_the_contract(case, params):
     assert case.image.shape == case.lung.shape == case.lesion.shape == shape
     assert case.cls.shape == (settings.cls_slices, *settings.cls_size)
     assert 0.0 <= case.image.min() and case.image.max() <= 1.0
-    assert (case.image[case.lung == 0] == 0).all()  # lung-masked
+    # masked by the lung grown by mask_margin_mm: zero beyond the margin, tissue kept within it
+    spacing = case.meta["spacing_mm"]
+    beyond = ~grow_mask(case.lung, spacing, settings.mask_margin_mm + max(spacing))
+    assert beyond.any() and (case.image[beyond] == 0).all()
+    near = grow_mask(case.lung, spacing, settings.mask_margin_mm - max(spacing)) & (case.lung == 0)
+    assert (case.image[near] > 0).mean() > 0.5
     np.testing.assert_allclose(case.meta["spacing_mm"], settings.target_spacing_mm, rtol=0.1)
     assert case.meta["lung_dice"] == 1.0
     json.dumps(case.meta)  # serialisable

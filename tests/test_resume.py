@@ -71,3 +71,17 @@ def test_deepsc_stage_resume_is_bit_exact(tmp_path):
     assert resumed.resumed_from_epoch == 2
     assert same_weights(straight.model, resumed.model)
     assert torch.load(tmp_path / "killed" / "model.pt", weights_only=True).keys() == straight.model.state_dict().keys()
+
+
+def test_stale_checkpoint_of_another_run_is_discarded_not_resumed(tmp_path):
+    """DVC keeps persisted outputs when inputs change: a last.pt of other data must not be resumed."""
+    from deepsc.train.engine import EngineConfig, fit
+
+    config = EngineConfig(epochs=2, lr=0.05, batch_size=2, seed=3)
+    fresh = fit(toy_model(), ToyDataset(), ToyAdapter(), config, tmp_path / "fresh", progress=False,
+                identity={"data_key": "new"})
+    fit(toy_model(), ToyDataset(), ToyAdapter(), config, tmp_path / "reused", progress=False, identity={"data_key": "old"})
+    again = fit(toy_model(), ToyDataset(), ToyAdapter(), config, tmp_path / "reused", progress=False,
+                identity={"data_key": "new"})
+    assert again.resumed_from_epoch == 0 and len(again.history) == 2
+    assert same_weights(again.model, fresh.model)

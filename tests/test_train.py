@@ -211,12 +211,13 @@ def test_fit_trains_writes_outputs_and_decays_lr(tmp_path):
     assert history[0].split(",")[0] == "epoch" and len(history) == 5
 
 
-def test_fit_refuses_a_checkpoint_of_other_settings(tmp_path):
+def test_fit_starts_over_from_a_checkpoint_of_other_settings(tmp_path, caplog):
     from deepsc.train.engine import EngineConfig, fit
 
     fit(toy_model(), ToyDataset(), ToyAdapter(), EngineConfig(epochs=1, lr=1e-2, batch_size=4), tmp_path, progress=False)
-    with pytest.raises(ConfigError, match="lr"):
-        fit(toy_model(), ToyDataset(), ToyAdapter(), EngineConfig(epochs=1, lr=2e-2, batch_size=4), tmp_path, progress=False)
+    with caplog.at_level("WARNING"):
+        again = fit(toy_model(), ToyDataset(), ToyAdapter(), EngineConfig(epochs=1, lr=2e-2, batch_size=4), tmp_path, progress=False)
+    assert again.resumed_from_epoch == 0 and "lr" in caplog.text and "starts over" in caplog.text
 
 
 def test_fit_stops_on_a_diverging_loss(tmp_path):

@@ -303,11 +303,14 @@ def fit(
     on_epoch_end: EpochCallback | None = None,
     progress: bool = True,
     description: str = "train",
+    identity: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``dataset`` and write ``out_dir/{last.pt, model.pt, history.csv}``.
 
-    Resumes from ``out_dir/last.pt`` when present (it must come from the same settings, else
-    :class:`ConfigError`); a finished checkpoint returns at once. ``log_metrics(epoch, record)``
+    Resumes from ``out_dir/last.pt`` when it comes from the same run: same engine settings and
+    same ``identity`` (e.g. hashes of the model settings, the data and the initial weights). A
+    ``last.pt`` of anything else is stale (DVC keeps persisted outputs when inputs change): it is
+    discarded with a warning and training starts over. A finished checkpoint returns at once. ``log_metrics(epoch, record)``
     is called on rank 0 after each epoch (e.g. MLflow); ``on_epoch_end(epoch, record)`` on every
     rank after the checkpoint is safely written. Epochs in records count from 1.
     """
@@ -332,7 +335,7 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-    fingerprint = config.fingerprint(len(dataset), ctx.world_size)
+    fingerprint = {**config.fingerprint(len(dataset), ctx.world_size), **dict(identity or {})}
     start_epoch, history = _maybe_resume(out_dir / CHECKPOINT, fingerprint, model, optimizer, scheduler, scaler, ctx)
     module = _wrap_ddp(model, adapter, ctx)
 
@@ -411,10 +414,8 @@ def _maybe_resume(path: Path, fingerprint, model, optimizer, scheduler, scaler, 
     saved = json.loads(state.get("fingerprint", "{}"))
     if saved != fingerprint:
         changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-        raise ConfigError(
-            f"{path} comes from different settings ({', '.join(changed)} differ); "
-            "delete it or train into another folder"
-        )
+        log.warning("%s comes from another run (%s differ): training starts over", path, ", ".join(changed))
+        return 0, []
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -268,13 +268,23 @@ def run_tracked(model, dataset, adapter, engine_config, out_dir: Path, params: M
         run_id = run.info.run_id if run is not None else None
         log_metrics = (lambda epoch, record: tracking.log_metrics_per_epoch(record, epoch)) if is_main else None
         result = fit(model, dataset, adapter, engine_config, out_dir, log_metrics=log_metrics,
-                     progress=progress, description=run_name)
+                     progress=progress, description=run_name, identity=run_identity(config))
         if is_main:
             final = {k: v for k, v in (result.history[-1] if result.history else {}).items()}
             atomic_write_bytes(out_dir / CONFIG_FILE, json.dumps({**config, "final": final}, indent=2, default=str).encode())
             atomic_write_bytes(out_dir / RUN_FILE, json.dumps({"run_id": run_id, "run_name": run_name, "stage": config["stage"]}, indent=2).encode())
             tracking.log_artifacts(out_dir)
     return out_dir
+
+
+def run_identity(config: Mapping[str, Any]) -> dict[str, str]:
+    """What makes two trainings the same run (a ``last.pt`` is resumed only when it matches):
+    the settings and data hashes and the sha256 of every initial weight file."""
+    identity = {key: str(config[key]) for key in ("settings_key", "data_key") if key in config}
+    for name, folder in sorted((config.get("init_from") or {}).items()):
+        weights = Path(folder) / "model.pt"
+        identity[f"init_{name}"] = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else "missing"
+    return identity
 
 
 def check_patch_size(preprocessed_size: tuple[int, int, int], params: Mapping[str, Any]) -> None:
