@@ -341,3 +341,33 @@ def test_baselines_follow_the_input_conventions(params):
     params["preprocess"]["patch_size"] = [10, 32, 32]
     with pytest.raises(ConfigError, match="multiples of 4"):
         build_seg_baseline(params)
+
+
+def test_lesion_context_completes_the_classifier_map_and_keeps_joint_gradients():
+    """Teacher forcing outside the patch: the classifier sees a whole-scan lesion map in training,
+    while the cls loss still reaches the segmentation path through the patch's S_hat."""
+    import torch
+
+    from deepsc.model.network import DeepSC, ModelConfig, _with_context
+
+    pasted = torch.zeros(2, 1, 2, 4, 4)
+    pasted[:, :, :, :2] = 0.5
+    coverage = torch.zeros(2, 1, 2, 4, 4)
+    coverage[:, :, :, :2] = 1.0
+    context = torch.ones(2, 1, 4, 8, 8)
+    lesion, cover = _with_context(pasted, coverage, context, torch.tensor([True, False]), (2, 4, 4))
+    assert torch.allclose(lesion[0, :, :, :2], torch.tensor(0.5)) and torch.allclose(lesion[0, :, :, 2:], torch.tensor(1.0))
+    assert torch.allclose(cover[0], torch.tensor(1.0))
+    assert torch.equal(lesion[1], pasted[1]) and torch.equal(cover[1], coverage[1]), "unknown mask: nothing filled in"
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(cls_shape=(16, 32, 32), patch_size=(8, 32, 32), seg_widths=(8, 8, 16, 16),
+                      cls_widths=(8, 8, 16), norm_groups=2)
+    net = DeepSC(cfg)
+    cls, patch = torch.rand(2, 1, 16, 32, 32), torch.rand(2, 1, 8, 32, 32)
+    box = torch.tensor([[0.0, 0.0, 0.0, 0.5, 1.0, 1.0], [0.5, 0.0, 0.0, 1.0, 1.0, 1.0]])
+    out = net(cls, patch, box, task="joint", lesion_context=(torch.rand(2, 1, 16, 32, 32) > 0.8).float(),
+              context_known=torch.tensor([True, True]))
+    torch.nn.functional.cross_entropy(out["cls_logit"], torch.tensor([0, 1])).backward()
+    seg_grads = [p.grad for p in net.seg_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert seg_grads, "the classification loss must still reach the segmentation path"

@@ -297,6 +297,30 @@ class ClassificationSubnet(nn.Module):
         return maps
 
 
+def _with_context(
+    pasted: torch.Tensor, coverage: torch.Tensor, context: torch.Tensor | None, known: torch.Tensor | None, grid: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Complete a pasted lesion map outside its coverage from a reference mask (teacher forcing).
+
+    Args:
+        pasted, coverage: ``(B, 1, D, H, W)`` from :func:`paste_into_grid` (zeros: nothing pasted).
+        context: ``(B, 1, N, Hc, Wc)`` reference lesion mask on the cls input grid, or None.
+        known: ``(B,)`` bool, whose reference is known (None = all).
+        grid: ``(D, H, W)`` of the C-features (the context is area-averaged onto it).
+
+    Returns:
+        ``(lesion, coverage)``, each ``(B, 1, D, H, W)``.
+    """
+    if context is None:
+        return pasted, coverage
+    if context.ndim != 5 or context.shape[0] != pasted.shape[0]:
+        raise ValueError(f"lesion_context must be (B, 1, N, Hc, Wc), got {tuple(context.shape)}")
+    pooled = nn.functional.adaptive_avg_pool3d(context.to(pasted.dtype), tuple(grid))
+    weight = torch.ones(pasted.shape[0], device=pasted.device, dtype=pasted.dtype) if known is None else known.to(pasted.device, pasted.dtype).view(-1)
+    outside = (1.0 - coverage) * weight.view(-1, 1, 1, 1, 1)
+    return pasted + outside * pooled, coverage + outside
+
+
 class DeepSC(nn.Module):
     """DeepSC-COVID (Wang et al., IEEE TMI 2021) with real patch <-> scan dimension matching.
 
@@ -339,6 +363,8 @@ class DeepSC(nn.Module):
         box: torch.Tensor | None,
         task: str = "joint",
         target: torch.Tensor | None = None,
+        lesion_context: torch.Tensor | None = None,
+        context_known: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """Run the paths of ``task``.
 
@@ -350,6 +376,14 @@ class DeepSC(nn.Module):
                 ``cls`` (cls path alone, S_hat = 0 and coverage 0).
             target: ``(B,)`` true class indices; CAMs/evidence use them when given, else the
                 predicted class.
+            lesion_context: ``(B, 1, N, Hc, Wc)`` reference lesion mask on the cls grid, training
+                only. The classifier's lesion input is S_hat over the whole scan; a training
+                sample segments one patch, so the rest of the scan is filled from this mask
+                (teacher forcing) and the classifier sees whole-scan lesion maps in training as
+                at inference (:meth:`infer_scan` pastes every patch). In task ``cls`` (stage-1
+                pre-training, seg path untrained) the whole map comes from it.
+            context_known: ``(B,)`` bool, samples whose lesion mask is known; the others keep
+                coverage 0 outside the patch ("not looked at").
 
         Returns:
             dict with ``seg_logit`` ``(B, 1, pd, ph, pw)`` fused pre-sigmoid logit,
@@ -368,7 +402,8 @@ class DeepSC(nn.Module):
         grid = i_cls.shape[2:]
         if task == "cls":
             f_cls = i_cls
-            lesion_map = i_cls.new_zeros((i_cls.shape[0], ClassificationSubnet.LESION_CHANNELS, *grid))
+            zeros = i_cls.new_zeros((i_cls.shape[0], 1, *grid))
+            lesion_map = torch.cat(_with_context(zeros, zeros, lesion_context, context_known, grid), dim=1)
         else:
             i_seg = self.seg_stem(patch)
             if self.cross_stitch is None:
@@ -376,7 +411,8 @@ class DeepSC(nn.Module):
             else:
                 f_seg, f_cls = self.cross_stitch(i_seg, i_cls, box)
             out["seg_logit"], out["seg_side"] = self.lesion(f_seg, patch)
-            lesion_map = torch.cat(paste_into_grid(torch.sigmoid(out["seg_logit"]), box, grid), dim=1)
+            pasted, coverage = paste_into_grid(torch.sigmoid(out["seg_logit"]), box, grid)
+            lesion_map = torch.cat(_with_context(pasted, coverage, lesion_context, context_known, grid), dim=1)
 
         logits, feats = self.classifier(f_cls, lesion_map)
         out["cls_logit"] = logits

@@ -152,6 +152,7 @@ class ScanDataset:
             item["lesion"] = torch.from_numpy(self._lesion(record, image.shape)[None])
             return item
         item.update(self._patch_item(record, self.choose_patch(index)))
+        item["lesion_cls"] = torch.from_numpy(self._lesion_on_cls_grid(record, tuple(item["cls"].shape[1:]))[None])
         if self.flip_prob and np.random.default_rng([self.seed, self.epoch, index, 1]).random() < self.flip_prob:
             item = mirror_left_right(item)
         return item
@@ -178,6 +179,17 @@ class ScanDataset:
             mask = np.zeros(record.patch_size, dtype=np.float32)
         box = np.asarray(normalized_box(start, record.patch_size, record.shape), dtype=np.float32)
         return {"patch": torch.from_numpy(patch[None]), "lesion": torch.from_numpy(mask[None]), "box": torch.from_numpy(box)}
+
+    @staticmethod
+    def _lesion_on_cls_grid(record: CaseRecord, cls_shape: tuple[int, ...]) -> np.ndarray:
+        """float32 ``(N, Hc, Wc)``: the lesion mask sampled like ``cls.npy`` (zeros when unknown)."""
+        from deepsc.data.preprocess import cls_slice_indices, resize
+
+        if not record.has_mask:
+            return np.zeros(cls_shape, dtype=np.float32)
+        lesion = _load(record, "lesion.npy").astype(np.float32)
+        picked = lesion[cls_slice_indices(lesion.shape[0], cls_shape[0])]
+        return resize(picked, cls_shape, order=1, anti_alias=True).astype(np.float32)
 
     @staticmethod
     def _lesion(record: CaseRecord, shape: tuple[int, ...]) -> np.ndarray:
@@ -258,8 +270,9 @@ def mirror_left_right(item: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     mirrored = dict(item)
-    for key in ("cls", "patch", "lesion"):
-        mirrored[key] = torch.flip(item[key], dims=(-1,))
+    for key in ("cls", "patch", "lesion", "lesion_cls"):
+        if key in item:
+            mirrored[key] = torch.flip(item[key], dims=(-1,))
     box = item["box"].clone()
     box[2], box[5] = 1.0 - item["box"][5], 1.0 - item["box"][2]
     mirrored["box"] = box

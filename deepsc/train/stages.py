@@ -127,7 +127,8 @@ class DeepSCAdapter:
     def forward(self, model, batch):
         # training CAMs / evidence use the true class (MODEL_FACTS: "predicted (or true) class")
         target = None if self.plan.task == "seg" else batch["label"]
-        return model(batch["cls"], batch["patch"], batch["box"], task=self.plan.task, target=target)
+        return model(batch["cls"], batch["patch"], batch["box"], task=self.plan.task, target=target,
+                     lesion_context=batch.get("lesion_cls"), context_known=batch.get("has_mask"))
 
     def loss(self, outputs, batch):
         from deepsc.model.losses import total_loss
