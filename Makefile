@@ -26,7 +26,7 @@ $(STAMP): requirements.lock constraints.txt pyproject.toml
 # The main job: regenerate the cohort that data.dvc pins (or keep the one present),
 # then every DVC stage from validation to registry promotion.
 run: $(STAMP)
-	$(BIN)/deepsc synth --params params.yaml
+	$(BIN)/deepsc synth
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
 
