@@ -54,7 +54,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Sequence, Any
 
 import numpy as np
 
@@ -259,7 +259,8 @@ def diagnose_volume(volume: CTVolume, predictor: Any, params: Mapping[str, Any] 
         prepared = steps.run("preprocess", lambda: prepare_for_model(volume, lung, settings))
         prediction = steps.run("model", lambda: predictor.predict_case(prepared.image, prepared.cls, with_evidence=with_evidence,
                                                                         case_id=volume.case_id))
-        lesion, evidence = steps.run("map back", lambda: _to_scan(prediction, prepared.meta, lung))
+        margin = float(settings.get("preprocess", {}).get("mask_margin_mm", 0.0))
+        lesion, evidence = steps.run("map back", lambda: _to_scan(prediction, prepared.meta, lung, margin))
         summary = steps.run("statistics", lambda: _summary(volume, lesion, lung, prediction, predictor, model_info))
     finally:
         steps.close()
@@ -291,29 +292,35 @@ def prepare_for_model(volume: CTVolume, lung: np.ndarray, params: Mapping[str, A
     return preprocess_case(volume, None, lung, params)
 
 
-def lesion_mask_from_probability(prob: np.ndarray, lung: np.ndarray) -> np.ndarray:
-    """The reported lesion mask: ``prob >= 0.5`` inside the lungs, components under
+def lesion_mask_from_probability(prob: np.ndarray, lung: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                                 margin_mm: float = 0.0) -> np.ndarray:
+    """The reported lesion mask: ``prob >= 0.5`` inside the region the model saw (the lungs grown
+    by ``margin_mm``, i.e. ``preprocess.mask_margin_mm``), components under
     ``deepsc.data.analysis.MIN_COMPONENT_VOXELS`` voxels dropped (uint8 ``(Z, Y, X)``).
 
-    The model sees only the lung-masked scan, so its output outside the lungs carries no
+    The model sees only that region of the scan, so its output elsewhere carries no
     information; ``deepsc evaluate`` applies the same rule, so the reported metrics describe
     exactly the masks ``deepsc diagnose`` writes.
     """
     from deepsc.data.analysis import MIN_COMPONENT_VOXELS, lesion_components
+    from deepsc.data.preprocess import grow_mask
 
     if prob.shape != lung.shape:
         raise ValueError(f"probability {prob.shape} and lung {lung.shape} differ in shape")
-    labels, _ = lesion_components((prob >= LESION_THRESHOLD) & (lung > 0), MIN_COMPONENT_VOXELS)
+    region = grow_mask(lung > 0, spacing, margin_mm)
+    labels, _ = lesion_components((prob >= LESION_THRESHOLD) & region, MIN_COMPONENT_VOXELS)
     return (labels > 0).astype(np.uint8)
 
 
-def _to_scan(prediction: Any, meta: Mapping[str, Any], lung: np.ndarray) -> tuple[np.ndarray | None, list[np.ndarray] | None]:
+def _to_scan(prediction: Any, meta: Mapping[str, Any], lung: np.ndarray,
+             margin_mm: float = 0.0) -> tuple[np.ndarray | None, list[np.ndarray] | None]:
     """Lesion mask and evidence maps on the input's grid (linear interpolation back)."""
     from deepsc.data.preprocess import to_original_grid
 
     lesion = None
     if prediction.lesion_prob is not None:
-        lesion = lesion_mask_from_probability(to_original_grid(prediction.lesion_prob, meta, order=1), lung)
+        lesion = lesion_mask_from_probability(to_original_grid(prediction.lesion_prob, meta, order=1), lung,
+                                              meta["original_spacing_mm"], margin_mm)
     evidence = None
     if prediction.evidence is not None:
         evidence = [np.clip(to_original_grid(v, meta, order=1), 0.0, 1.0).astype(np.float32) for v in prediction.evidence]

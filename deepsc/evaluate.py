@@ -3,11 +3,12 @@
 Every test scan of the split runs through :class:`deepsc.inference.Predictor` at full scan size
 (all non-overlapping patches, stitched). Then, per scan:
 
-* **segmentation** (scans with a known lesion mask; normal scans have an all-zero one): the
+* **segmentation** (Table II: COVID-19 and CAP scans with a known lesion mask; on normal scans,
+  whose mask is all zeros, only the false-positive rate and volume are reported): the
   probability is mapped back onto the ORIGINAL scan grid (:func:`deepsc.data.preprocess.
   to_original_grid`, linear) and turned into the mask ``deepsc diagnose`` would write
-  (:func:`deepsc.diagnose.lesion_mask_from_probability`: >= 0.5, inside the lungs, specks
-  dropped); it is compared with the original lesion mask of the manifest
+  (:func:`deepsc.diagnose.lesion_mask_from_probability`: >= 0.5, inside the region the model
+  saw, specks dropped); it is compared with the original lesion mask of the manifest
   (``paths.manifest``; read with :func:`deepsc.data.io.read_mask` against the scan geometry in
   meta.json) using the scan's real voxel spacing (:func:`deepsc.metrics.segmentation_metrics`:
   DSC, sensitivity, specificity, NSD at ``evaluate.nsd_tolerance_mm``, RMSD in mm). When the
@@ -174,6 +175,14 @@ class OriginalMasks:
 # ----------------------------------------------------------------------------- one model
 
 
+def _percent(value: Any) -> str:
+    return f"{100 * value:.0f} %" if _finite(value) else "n/a"
+
+
+def _number(value: Any) -> str:
+    return f"{value:.2f}" if _finite(value) else "n/a"
+
+
 def evaluate_predictor(predictor: Any, cases: Sequence[TestCase], params: Mapping[str, Any], masks: OriginalMasks | None,
                        name: str, model_dir: Path, progress: bool = True) -> ModelEvaluation:
     """Run one model over the test scans and compute every metric (see the module docstring)."""
@@ -181,7 +190,8 @@ def evaluate_predictor(predictor: Any, cases: Sequence[TestCase], params: Mappin
     from tqdm import tqdm
 
     tolerance = float(params.get("evaluate", {}).get("nsd_tolerance_mm", 3.0))
-    rows = [_evaluate_case(predictor, case, masks, tolerance)
+    margin = float(params.get("preprocess", {}).get("mask_margin_mm", 0.0))
+    rows = [_evaluate_case(predictor, case, masks, tolerance, margin)
             for case in tqdm(cases, desc=f"evaluate {name}", unit="scan", disable=not progress, leave=False)]
     per_case = pd.DataFrame(rows)
     metrics, roc, confusion = _aggregate(per_case, predictor)
@@ -189,7 +199,8 @@ def evaluate_predictor(predictor: Any, cases: Sequence[TestCase], params: Mappin
                            "original" if masks is not None else "preprocessed")
 
 
-def _evaluate_case(predictor: Any, case: TestCase, masks: OriginalMasks | None, tolerance_mm: float) -> dict[str, Any]:
+def _evaluate_case(predictor: Any, case: TestCase, masks: OriginalMasks | None, tolerance_mm: float,
+                   margin_mm: float = 0.0) -> dict[str, Any]:
     from deepsc.data.preprocess import load_case
 
     data = load_case(case.case_dir, mmap=False)
@@ -201,24 +212,25 @@ def _evaluate_case(predictor: Any, case: TestCase, masks: OriginalMasks | None, 
         row["predicted"] = CLASSES[prediction.predicted_class]
         row["correct"] = row["predicted"] == case.label
     if prediction.lesion_prob is not None and case.has_mask:
-        row.update(_segmentation_row(prediction.lesion_prob, data, case, masks, tolerance_mm))
+        row.update(_segmentation_row(prediction.lesion_prob, data, case, masks, tolerance_mm, margin_mm))
     if prediction.evidence is not None and row.get("correct") and case.label in LESION_CLASSES and case.has_mask:
         row.update(evidence_faithfulness(prediction.evidence, np.asarray(data.lesion), np.asarray(data.lung)))
     return row
 
 
 def _segmentation_row(prob: np.ndarray, data: Any, case: TestCase, masks: OriginalMasks | None,
-                      tolerance_mm: float) -> dict[str, float]:
+                      tolerance_mm: float, margin_mm: float = 0.0) -> dict[str, float]:
     from deepsc.data.preprocess import to_original_grid
     from deepsc.diagnose import lesion_mask_from_probability
     from deepsc.metrics import segmentation_metrics
 
     lung = np.asarray(data.lung)
     if masks is None:
-        pred = lesion_mask_from_probability(prob, lung)
+        pred = lesion_mask_from_probability(prob, lung, data.meta["spacing_mm"], margin_mm)
         return segmentation_metrics(pred, np.asarray(data.lesion), data.meta["spacing_mm"], tolerance_mm, case.case_id)
     lung_original = to_original_grid(lung.astype(np.float32), data.meta, order=1) >= 0.5
-    pred = lesion_mask_from_probability(to_original_grid(prob, data.meta, order=1), lung_original)
+    pred = lesion_mask_from_probability(to_original_grid(prob, data.meta, order=1), lung_original,
+                                        data.meta["original_spacing_mm"], margin_mm)
     truth = masks.mask(case, data.meta)
     return segmentation_metrics(pred, truth, data.meta["original_spacing_mm"], tolerance_mm, case.case_id)
 
@@ -253,7 +265,12 @@ def _aggregate(per_case: Any, predictor: Any) -> tuple[dict[str, Any], dict[str,
     roc: dict[str, Any] = {}
     confusion = None
     if predictor.has_segmentation:
-        seg = per_case[per_case["has_mask"]]
+        # Table II segmentation: scans with lesions (COVID-19, CAP), as in the paper and the
+        # benchmark of Ma et al.; on normal scans the only question is false positives.
+        seg = per_case[per_case["has_mask"] & per_case["label"].isin(LESION_CLASSES)]
+        normal = per_case[per_case["has_mask"] & (per_case["label"] == "normal")]
+        metrics["normal_false_positive_rate"] = float((normal["pred_volume_ml"] > 0).mean()) if len(normal) else math.nan
+        metrics["normal_false_positive_ml_mean"] = float(normal["pred_volume_ml"].mean()) if len(normal) else math.nan
         metrics["n_seg"] = int(len(seg))
         summary = summarize(seg, list(SEG_METRICS)) if len(seg) else {}
         for metric in SEG_METRICS:
@@ -421,9 +438,11 @@ def evaluation_report(evaluation: ModelEvaluation, pngs: Mapping[str, bytes]) ->
     m = evaluation.metrics
     notes = [
         ("Model", f"{evaluation.predictor_name} from {evaluation.model_dir}; {m['n_test']} held-out test scans."),
-        ("Segmentation", f"Computed on the {geometry}; {m.get('n_seg', 0)} scans with a known lesion mask. Metrics are mean "
-                         "(standard deviation) over scans in percent, RMSD in mm; RMSD is undefined (left out) when exactly "
-                         f"one mask is empty ({m.get('rmsd_mm_excluded', 0)} scans)."),
+        ("Segmentation", f"Computed on the {geometry}; {m.get('n_seg', 0)} COVID-19 / CAP scans with a lesion mask. "
+                         "Metrics are mean (standard deviation) over scans in percent, RMSD in mm; RMSD is undefined (left "
+                         f"out) when exactly one mask is empty ({m.get('rmsd_mm_excluded', 0)} scans). Normal scans: "
+                         f"{_percent(m.get('normal_false_positive_rate'))} with any predicted lesion, "
+                         f"{_number(m.get('normal_false_positive_ml_mean'))} mL on average."),
         ("Classification", "Accuracy over scans; sensitivity, specificity, F1 and one-vs-rest AUC are macro means over the "
                            "three classes (standard deviation over the classes)."),
         ("Explanation", _evidence_text(m)),

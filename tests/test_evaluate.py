@@ -73,7 +73,8 @@ def test_evaluate_writes_every_output_with_sane_values(cohort, tmp_path):
         assert (out / name).is_file(), name
     stored = json.loads((out / "metrics.json").read_text())
     n = 3 * N_PER_CLASS
-    assert stored["n_test"] == n and stored["n_seg"] == n
+    assert stored["n_test"] == n and stored["n_seg"] == 2 * N_PER_CLASS, "Table II segmentation: COVID-19 and CAP scans"
+    assert 0.0 <= stored["normal_false_positive_rate"] <= 1.0 and stored["normal_false_positive_ml_mean"] >= 0.0
     for key in ("dsc_mean", "dsc_std", "sensitivity_mean", "specificity_mean", "nsd_mean", "rmsd_mm_mean", "accuracy",
                 "f1_macro", "auc_macro", "sensitivity_macro", "specificity_macro", "seconds_per_scan_seg",
                 "seconds_per_scan_cls", "evidence_peak_in_lesion", "evidence_lesion_overlap", "n_test"):
@@ -109,7 +110,8 @@ def test_a_perfect_model_scores_perfectly(cohort, tmp_path, monkeypatch):
     oracle = PerfectPredictor(preprocessed)
     on_preprocessed = evaluate.evaluate_predictor(oracle, cases, params, None, "oracle", tmp_path, progress=False)
     assert on_preprocessed.metrics["dsc_mean"] > 0.95  # lung restriction and speck removal of the postprocessing
-    assert on_preprocessed.metrics["rmsd_mm_mean"] < 1.0
+    # sub-voxel (the grid's smallest spacing is several mm): only the postprocessing's edges differ
+    assert on_preprocessed.metrics["rmsd_mm_mean"] < 0.5 * min(params["preprocess"]["target_spacing_mm"])
     assert on_preprocessed.metrics["accuracy"] == 1.0 and on_preprocessed.metrics["auc_macro"] == 1.0
     assert on_preprocessed.metrics["evidence_n"] == 2 * N_PER_CLASS
     assert on_preprocessed.metrics["evidence_peak_in_lesion"] == 1.0
