@@ -172,6 +172,9 @@ def lesion_summary(image_hu: np.ndarray, lesion: np.ndarray, lung: np.ndarray, s
 
     from deepsc.data.analysis import HEADLINE_PLR_SIGMA_MM, case_lesion_stats, lesion_components
 
+    # lesions are lung: dense ones that the classical lung mask leaves out still count in its
+    # volume, so the LVR stays a fraction of the diseased lung
+    lung = np.maximum(np.asarray(lung, dtype=np.uint8), np.asarray(lesion, dtype=np.uint8))
     stats = case_lesion_stats(image_hu, lesion, lung, spacing, case_id, sigmas_mm=(HEADLINE_PLR_SIGMA_MM,))
     labels, count = lesion_components(lesion, 1)
     voxel_ml = float(np.prod(spacing)) / 1000.0

@@ -35,7 +35,8 @@ def test_repro_runs_every_stage_and_promotes_a_model(pipeline_run):
 
     import mlflow
 
-    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    uri = env["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # other tests may set a global registry
     champion = client.get_model_version_by_alias("deepsc-covid", "champion")
     assert champion.tags["model_sha256"]
     runs = mlflow.search_runs(search_all_experiments=True, tracking_uri=env["MLFLOW_TRACKING_URI"])

@@ -35,7 +35,8 @@ def test_pipeline_runs_locally_and_registers_a_champion(tmp_path, monkeypatch):
 
     import mlflow
 
-    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    uri = env["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # other tests may set a global registry
     champion = client.get_model_version_by_alias("deepsc-covid", "champion")
     assert str(champion.version) == "1"
     run_info = client.get_run(champion.run_id)

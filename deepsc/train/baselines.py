@@ -136,7 +136,8 @@ def train_baseline(
 
 
 def add_cli(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--which", required=True, choices=KINDS, help="unet (segmentation) or classifier (baselines.classifier)")
+    parser.add_argument("--which", required=True, choices=(*KINDS, "all"),
+                        help="unet (segmentation), classifier (baselines.classifier) or all (each into OUT/<kind>)")
     parser.add_argument("--preprocessed", type=Path, default=Path("outputs/preprocessed"))
     parser.add_argument("--split", type=Path, default=Path("outputs/split.csv"))
     parser.add_argument("--out", type=Path, required=True, help="output folder (resumed when it holds last.pt)")
@@ -144,5 +145,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace, params: Mapping[str, Any]) -> int:
-    print(train_baseline(args.which, args.preprocessed, args.split, args.out, params, progress=not args.no_progress))
+    if args.which == "all":
+        for kind in KINDS:
+            print(train_baseline(kind, args.preprocessed, args.split, Path(args.out) / kind, params, progress=not args.no_progress))
+    else:
+        print(train_baseline(args.which, args.preprocessed, args.split, args.out, params, progress=not args.no_progress))
     return 0
