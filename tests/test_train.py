@@ -500,3 +500,12 @@ def test_mirrored_box_with_negative_start_reads_the_right_scan_region():
     mirrored_scan = torch.flip(scan, dims=(-1,))
     left_edge = crop_from_grid(mirrored_scan, torch.tensor([[0.0, 0.0, -0.25, 1.0, 1.0, 0.25]]), (2, 2, 4))
     assert torch.allclose(torch.flip(left_edge, dims=(-1,)), right_edge)
+
+
+def test_only_models_that_segment_learn_from_whole_scan_lesion_maps():
+    from deepsc.train.stages import stage_plan
+
+    assert stage_plan("finetune", {"train": {"task": "joint"}}).teacher_forcing
+    assert stage_plan("pretrain-cls", {}).teacher_forcing  # fine-tuned jointly afterwards
+    assert not stage_plan("finetune", {"train": {"task": "cls"}}).teacher_forcing  # w/o Seg: no map at inference
+    assert not stage_plan("pretrain-seg", {}).teacher_forcing

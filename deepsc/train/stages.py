@@ -63,6 +63,16 @@ class StagePlan:
     trains: str  # seg | cls | all
 
     @property
+    def teacher_forcing(self) -> bool:
+        """Whether the classifier's lesion map is completed from the reference mask in training.
+
+        Yes for models that segment at inference (joint) and for stage-1 cls pre-training (whose
+        classifier is fine-tuned jointly later); no for the single-task classifier (``w/o Seg``),
+        which never gets a lesion map at inference and must not learn to rely on one.
+        """
+        return self.task == "joint" or self.stage == "pretrain-cls"
+
+    @property
     def name(self) -> str:
         return self.stage if self.task == "joint" or self.stage != "finetune" else f"finetune-{self.task}"
 
@@ -128,7 +138,8 @@ class DeepSCAdapter:
         # training CAMs / evidence use the true class (MODEL_FACTS: "predicted (or true) class")
         target = None if self.plan.task == "seg" else batch["label"]
         return model(batch["cls"], batch["patch"], batch["box"], task=self.plan.task, target=target,
-                     lesion_context=batch.get("lesion_cls"), context_known=batch.get("has_mask"))
+                     lesion_context=batch.get("lesion_cls") if self.plan.teacher_forcing else None,
+                     context_known=batch.get("has_mask"))
 
     def loss(self, outputs, batch):
         from deepsc.model.losses import total_loss
