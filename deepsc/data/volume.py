@@ -96,7 +96,6 @@ def lps_affine(spacing_zyx: tuple[float, float, float], origin_lps: tuple[float,
 
 def from_nibabel(img: Any, case_id: str, dtype: type = np.float32) -> CTVolume:
     """Reorient a nibabel image to canonical LPS and return it as a CTVolume (3D only)."""
-    import nibabel as nib
     from nibabel import orientations as ornt
 
     from deepsc.errors import InputError
@@ -114,7 +113,6 @@ def from_nibabel(img: Any, case_id: str, dtype: type = np.float32) -> CTVolume:
     transform = ornt.ornt_transform(current, ornt.axcodes2ornt(CANONICAL_AXCODES))
     data = ornt.apply_orientation(data, transform)
     new_affine = affine @ ornt.inv_ornt_aff(transform, shape)
-    del nib
     return CTVolume(np.ascontiguousarray(data.transpose(2, 1, 0)), new_affine, case_id)
 
 
