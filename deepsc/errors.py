@@ -21,6 +21,11 @@ class InputError(DeepSCError):
         self.problem = problem
         super().__init__(f"{self.case}: {problem}")
 
+    def __reduce__(self):
+        # rebuilt from (case, problem), so the error crosses process boundaries (DataLoader
+        # workers, process pools) instead of failing to unpickle there
+        return (type(self), (self.case, self.problem))
+
 
 class ConfigError(DeepSCError):
     """Bad or missing setting in params.yaml or on the command line."""

@@ -357,3 +357,12 @@ def test_real_scan_shuffled_file_names_and_simpleitk_agree(real_ct_dir: Path, tm
     from_itk = read_ct(tmp_path / "part.mha")
     np.testing.assert_array_equal(from_itk.array, volume.array)
     np.testing.assert_allclose(from_itk.affine, volume.affine, atol=1e-3)
+
+
+def test_input_errors_cross_process_boundaries():
+    """Raised in a DataLoader worker or a process pool, an InputError must unpickle intact."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(InputError("ct_0007", "slice positions have a gap of 10 mm")))
+    assert isinstance(error, InputError) and (error.case, error.problem) == ("ct_0007", "slice positions have a gap of 10 mm")
+    assert str(error) == "ct_0007: slice positions have a gap of 10 mm"
