@@ -155,3 +155,29 @@ def test_total_loss_follows_the_task_of_the_outputs():
     assert set(total_loss(cls_only, batch, LossConfig())) == {"cls", "total"}
     with pytest.raises(ValueError, match="lesion"):
         total_loss(outputs, {"label": batch["label"]}, LossConfig())
+
+
+def test_deep_supervision_scores_the_side_outputs_against_the_pooled_mask():
+    from deepsc.model.losses import batch_dice_loss, deep_supervision_loss
+
+    outputs, batch = fake_outputs(), fake_batch()
+    mask = batch["has_mask"]
+    off = total_loss(outputs, batch, LossConfig(lambda_ta=0.0))
+    on = total_loss(outputs, batch, LossConfig(lambda_ta=0.0, lambda_deep=0.5, lambda_seg=2.0))
+    assert "deep" not in off  # lambda_deep = 0 (the default) leaves eq. 11 exactly as it was
+    assert on["total"].item() == pytest.approx((2.0 * (on["seg"] + 0.5 * on["deep"]) + on["cls"]).item())
+
+    # a lesion aligned with the 8x8x8 blocks of S_1: side outputs that equal the pooled mask score ~0
+    aligned = torch.zeros(2, 1, 8, 16, 16)
+    aligned[0, :, :8, :8, :8] = 1.0
+    perfect = [torch.logit(torch.nn.functional.avg_pool3d(aligned, f).clamp(1e-4, 1 - 1e-4)) for f in (8, 4, 2)]
+    assert deep_supervision_loss(perfect, aligned, mask, LossConfig()).item() < 0.01
+    assert batch_dice_loss(perfect[2], torch.nn.functional.avg_pool3d(aligned, 2), mask).item() < 0.01
+    assert deep_supervision_loss(outputs["seg_side"], batch["lesion"], mask, LossConfig()).item() > 0.1
+
+    outputs = fake_outputs()
+    total_loss(outputs, batch, LossConfig(lambda_ta=0.0, lambda_cls=0.0, lambda_deep=1.0))["total"].backward()
+    assert all(s.grad is not None and s.grad.abs().sum() > 0 for s in outputs["seg_side"][:3])
+    assert outputs["seg_side"][3].grad is None  # S_4 learns through S_hat only
+    with pytest.raises(ConfigError, match="lambda_deep"):
+        LossConfig(lambda_deep=-1.0)

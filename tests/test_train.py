@@ -399,6 +399,38 @@ def test_finetune_starts_from_both_stage1_models_and_trains_the_cross_stitch(tra
     assert stitch and all(not torch.equal(joint[k], start[k]) for k in stitch)
 
 
+def test_joint_finetune_completes_the_lesion_map_with_the_stage1_segmentation(trained):
+    """train.lesion_context: predicted (default) -> each scan's whole-scan stage-1 prediction on
+    the cls grid, also for a scan without a mask; reference -> the masks (unknown: not known)."""
+    import numpy as np
+    import torch
+
+    from deepsc.config import apply_overrides
+    from deepsc.errors import ConfigError
+    from deepsc.inference import Predictor
+    from deepsc.train.dataset import on_cls_grid
+    from deepsc.train.stages import prepare_stage
+
+    stage1 = {"seg": trained["seg"], "cls": trained["cls"]}
+    unflipped = apply_overrides(trained["params"], {"train.flip_prob": 0.0})
+    predicted = prepare_stage("finetune", trained["pre"], trained["split"], unflipped, stage1).dataset
+    segmenter = Predictor.from_dir(trained["seg"], device="cpu", mirror=False)
+    for index, record in enumerate(predicted.records):
+        image = np.load(record.case_dir / "image.npy").astype(np.float32)
+        want = on_cls_grid(segmenter.predict_case(image, np.zeros(CLS_SHAPE, np.float32)).lesion_prob, CLS_SHAPE)
+        item = predicted[index]
+        np.testing.assert_allclose(item["lesion_cls"][0].numpy(), want, atol=1e-5)
+        assert bool(item["context_known"])
+    reference = prepare_stage("finetune", trained["pre"], trained["split"],
+                              apply_overrides(trained["params"], {"train.lesion_context": "reference"}), stage1).dataset
+    unknown = [i for i, r in enumerate(reference.records) if not r.has_mask]
+    assert unknown and not bool(reference[unknown[0]]["context_known"])
+    assert torch.equal(reference[unknown[0]]["lesion_cls"], torch.zeros(1, *CLS_SHAPE))
+    with pytest.raises(ConfigError, match="lesion_context"):
+        prepare_stage("finetune", trained["pre"], trained["split"],
+                      apply_overrides(trained["params"], {"train.lesion_context": "oracle"}), stage1)
+
+
 def test_single_task_finetune_keeps_the_other_path(trained, tmp_path):
     import torch
 

@@ -51,6 +51,7 @@ _LOSS_KEYS = {
     "lambda_ta",
     "ta_scales",
     "ta_eta",
+    "lambda_deep",
 }
 
 
@@ -67,10 +68,11 @@ class LossConfig:
     lambda_ta: float = 10.0
     ta_scales: str = "multi"
     ta_eta: tuple[float, float, float] = (0.25, 0.25, 0.5)
+    lambda_deep: float = 0.0
     class_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("lambda_dice", "lambda_focal", "focal_gamma", "lambda_seg", "lambda_cls", "lambda_ta"):
+        for name in ("lambda_dice", "lambda_focal", "focal_gamma", "lambda_seg", "lambda_cls", "lambda_ta", "lambda_deep"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"loss setting {name} must be a non-negative number, got {value!r}")
@@ -181,6 +183,29 @@ def batch_dice_loss(seg_logit: torch.Tensor, lesion: torch.Tensor, mask: torch.T
     return 1.0 - (2.0 * overlap + 1.0) / (prob.sum() + target.sum() + 1.0)
 
 
+def deep_supervision_loss(seg_side: Sequence[torch.Tensor], lesion: torch.Tensor, mask: torch.Tensor,
+                          cfg: LossConfig) -> torch.Tensor:
+    """Dice + focal of the coarse side outputs S_1..S_3 against the lesion mask average-pooled
+    to their grids (nnU-Net's deep supervision), weighted 1/4, 1/4, 1/2 like eq. 3's eta.
+
+    Not in the paper (its L_seg is on S_hat alone): the side outputs otherwise learn only through
+    the fusion, and supervising them directly makes the U-Net converge in fewer steps.
+
+    Args:
+        seg_side: [S_1, S_2, S_3, ...] logits ``(B, 1, p / 8)``, ``(B, 1, p / 4)``, ``(B, 1, p / 2)``.
+        lesion: ``(B, 1, pd, ph, pw)`` {0, 1} at patch resolution.
+        mask: ``(B,)`` bool, samples whose lesion mask is known.
+    """
+    total = seg_side[0].float().sum() * 0.0
+    for weight, side in zip((0.25, 0.25, 0.5), seg_side[:3]):
+        factor = [full // part for full, part in zip(lesion.shape[2:], side.shape[2:])]
+        target = F.avg_pool3d(lesion.float(), kernel_size=factor, stride=factor)
+        focal = segmentation_loss(side, target.to(side.dtype), cfg)["focal"]
+        term = cfg.lambda_dice * batch_dice_loss(side, target, mask) + cfg.lambda_focal * _masked_mean(focal, mask, side)
+        total = total + weight * term
+    return total
+
+
 def classification_loss(cls_logit: torch.Tensor, label: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """Eq. 9: class-weighted cross-entropy, mean over the batch of ``xi_y * CE``."""
     label = torch.as_tensor(label, device=cls_logit.device).long().view(-1)
@@ -247,6 +272,9 @@ def total_loss(outputs: Mapping[str, Any], batch: Mapping[str, Any], cfg: LossCo
         result["dice"] = batch_dice_loss(seg_logit, lesion, mask)
         result["seg"] = cfg.lambda_dice * result["dice"] + cfg.lambda_focal * result["focal"]
         terms.append(cfg.lambda_seg * result["seg"])
+        if cfg.lambda_deep > 0 and len(outputs.get("seg_side") or []) >= 3:
+            result["deep"] = deep_supervision_loss(outputs["seg_side"], lesion, mask, cfg)
+            terms.append(cfg.lambda_seg * cfg.lambda_deep * result["deep"])
 
     if cls_logit is not None:
         if "label" not in batch:

@@ -376,13 +376,14 @@ class DeepSC(nn.Module):
                 ``cls`` (cls path alone, S_hat = 0 and coverage 0).
             target: ``(B,)`` true class indices; CAMs/evidence use them when given, else the
                 predicted class.
-            lesion_context: ``(B, 1, N, Hc, Wc)`` reference lesion mask on the cls grid, training
-                only. The classifier's lesion input is S_hat over the whole scan; a training
+            lesion_context: ``(B, 1, N, Hc, Wc)`` lesion map on the cls grid (the stage-1
+                segmentation of the whole scan, or the reference mask), training only. The
+                classifier's lesion input is S_hat over the whole scan; a training
                 sample segments one patch, so the rest of the scan is filled from this mask
                 (teacher forcing) and the classifier sees whole-scan lesion maps in training as
                 at inference (:meth:`infer_scan` pastes every patch). In task ``cls`` (stage-1
                 pre-training, seg path untrained) the whole map comes from it.
-            context_known: ``(B,)`` bool, samples whose lesion mask is known; the others keep
+            context_known: ``(B,)`` bool, samples whose lesion_context is known; the others keep
                 coverage 0 outside the patch ("not looked at").
 
         Returns:

@@ -10,7 +10,10 @@ A sample is ONE SCAN (the cross-stitch needs the patch's position in its own sca
   ``deepsc.CLASSES`` order) and ``case_id``. The patch is lesion-biased: with probability
   ``lesion_patch_prob`` it is drawn among the patches holding lesion voxels (when the scan has
   any), otherwise uniformly among all patches. The draw depends only on (seed, epoch, index),
-  so it is the same in every worker, process and after a resume.
+  so it is the same in every worker, process and after a resume. ``lesion_cls``
+  ``(1, N, Hc, Wc)`` float32 is the scan's lesion map on the classification grid (the reference
+  mask, or the ``lesion_context`` map given to the dataset) and ``context_known`` (bool) says
+  whether it is known.
 * evaluation mode - the whole scan: ``cls``, ``image`` ``(1, Z, Y, X)`` float32, ``lesion``
   ``(1, Z, Y, X)`` float32 (zeros when ``has_mask`` is False), ``has_mask``, ``label``,
   ``case_id``. Scans differ in shape, so evaluation uses batch size 1.
@@ -103,10 +106,15 @@ class ScanDataset:
         mode: ``train`` (one lesion-biased patch per scan) or ``eval`` (whole scans).
         lesion_patch_prob: probability in [0, 1] of drawing a patch among the lesion patches.
         seed: seed of the patch draws.
+        flip_prob: probability of mirroring a training scan left-right (:func:`mirror_left_right`).
+        lesion_context: optional ``{case_id: (N, Hc, Wc) float32}`` lesion maps on the
+            classification grid that replace the reference mask as ``lesion_cls`` (e.g. a
+            segmentation model's own predictions, see :func:`predicted_lesion_context`); a scan
+            with such a map has ``context_known`` True even when its mask is unknown.
     """
 
     def __init__(self, records: Sequence[CaseRecord], mode: str = "train", lesion_patch_prob: float = 0.8, seed: int = 0,
-                 flip_prob: float = 0.0):
+                 flip_prob: float = 0.0, lesion_context: dict[str, np.ndarray] | None = None):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not 0.0 <= float(flip_prob) <= 1.0:
@@ -124,6 +132,7 @@ class ScanDataset:
         self.lesion_patch_prob = float(lesion_patch_prob)
         self.seed = int(seed)
         self.epoch = 0
+        self.lesion_context = dict(lesion_context or {})
 
     @property
     def patch_size(self) -> Triple:
@@ -152,7 +161,11 @@ class ScanDataset:
             item["lesion"] = torch.from_numpy(self._lesion(record, image.shape)[None])
             return item
         item.update(self._patch_item(record, self.choose_patch(index)))
-        item["lesion_cls"] = torch.from_numpy(self._lesion_on_cls_grid(record, tuple(item["cls"].shape[1:]))[None])
+        context = self.lesion_context.get(record.case_id)
+        if context is None:
+            context = self._lesion_on_cls_grid(record, tuple(item["cls"].shape[1:]))
+        item["lesion_cls"] = torch.from_numpy(np.asarray(context, dtype=np.float32)[None])
+        item["context_known"] = torch.tensor(record.has_mask or record.case_id in self.lesion_context)
         if self.flip_prob and np.random.default_rng([self.seed, self.epoch, index, 1]).random() < self.flip_prob:
             item = mirror_left_right(item)
         return item
@@ -183,19 +196,39 @@ class ScanDataset:
     @staticmethod
     def _lesion_on_cls_grid(record: CaseRecord, cls_shape: tuple[int, ...]) -> np.ndarray:
         """float32 ``(N, Hc, Wc)``: the lesion mask sampled like ``cls.npy`` (zeros when unknown)."""
-        from deepsc.data.preprocess import cls_slice_indices, resize
-
         if not record.has_mask:
             return np.zeros(cls_shape, dtype=np.float32)
-        lesion = _load(record, "lesion.npy").astype(np.float32)
-        picked = lesion[cls_slice_indices(lesion.shape[0], cls_shape[0])]
-        return resize(picked, cls_shape, order=1, anti_alias=True).astype(np.float32)
+        return on_cls_grid(_load(record, "lesion.npy"), cls_shape)
 
     @staticmethod
     def _lesion(record: CaseRecord, shape: tuple[int, ...]) -> np.ndarray:
         if not record.has_mask:
             return np.zeros(shape, dtype=np.float32)
         return _load(record, "lesion.npy").astype(np.float32)
+
+
+def on_cls_grid(volume: np.ndarray, cls_shape: Sequence[int]) -> np.ndarray:
+    """float32 ``(N, Hc, Wc)``: a ``(Z, Y, X)`` map sampled like ``cls.npy`` (eq. 12 slices, in-plane resize)."""
+    from deepsc.data.preprocess import cls_slice_indices, resize
+
+    picked = np.asarray(volume, dtype=np.float32)[cls_slice_indices(volume.shape[0], int(cls_shape[0]))]
+    return resize(picked, tuple(int(v) for v in cls_shape), order=1, anti_alias=True).astype(np.float32)
+
+
+def predicted_lesion_context(segment: Any, records: Sequence[CaseRecord], cls_shape: Sequence[int]) -> dict[str, np.ndarray]:
+    """Each scan's whole-scan lesion probability from ``segment``, on the classification grid.
+
+    Joint fine-tuning completes the classifier's lesion map outside the training patch with
+    these maps instead of the reference masks: at inference the classifier only ever sees
+    predicted maps (under-segmented, with false positives), so training it on perfect masks
+    teaches it cues it will not get.
+
+    Args:
+        segment: maps a ``(Z, Y, X)`` float32 image to a lesion probability of the same shape.
+        records: the training scans.
+        cls_shape: ``(N, Hc, Wc)``.
+    """
+    return {r.case_id: on_cls_grid(segment(_load(r, "image.npy").astype(np.float32)), cls_shape) for r in records}
 
 
 # --------------------------------------------------------------------------- reading

@@ -42,11 +42,11 @@ RUN_FILE = "run.json"
 # stage-1 checkpoint only when these agree. Cross-stitch settings do not touch stage 1.
 _MODEL_BUT_CROSS_STITCH = ("model.inception", "model.seg_widths", "model.cls_widths", "model.seg_eta", "model.norm_groups")
 STAGE_SETTINGS = {
-    "pretrain-seg": (*_MODEL_BUT_CROSS_STITCH, "preprocess", "loss.lambda_dice", "loss.lambda_focal", "loss.focal_gamma",
+    "pretrain-seg": (*_MODEL_BUT_CROSS_STITCH, "preprocess", "loss.lambda_dice", "loss.lambda_focal", "loss.focal_gamma", "loss.lambda_deep",
                      "loss.focal_alpha", "train.seed", "train.lesion_patch_prob", "train.flip_prob", "train.pretrain_seg"),
     "pretrain-cls": (*_MODEL_BUT_CROSS_STITCH, "preprocess", "train.seed", "train.lesion_patch_prob", "train.flip_prob", "train.pretrain_cls"),
     "finetune": ("model", "preprocess", "loss", "train.seed", "train.lesion_patch_prob", "train.flip_prob", "train.task", "train.amp",
-                 "train.finetune"),
+                 "train.lesion_context", "train.finetune"),
 }
 
 
@@ -64,7 +64,9 @@ class StagePlan:
 
     @property
     def teacher_forcing(self) -> bool:
-        """Whether the classifier's lesion map is completed from the reference mask in training.
+        """Whether the classifier's lesion map is completed outside the patch in training (from
+        the stage-1 segmentation of the whole scan, or the reference mask: ``train.lesion_context``;
+        stage-1 cls pre-training always uses the mask, as no segmentation exists yet).
 
         Yes for models that segment at inference (joint) and for stage-1 cls pre-training (whose
         classifier is fine-tuned jointly later); no for the single-task classifier (``w/o Seg``),
@@ -139,7 +141,7 @@ class DeepSCAdapter:
         target = None if self.plan.task == "seg" else batch["label"]
         return model(batch["cls"], batch["patch"], batch["box"], task=self.plan.task, target=target,
                      lesion_context=batch.get("lesion_cls") if self.plan.teacher_forcing else None,
-                     context_known=batch.get("has_mask"))
+                     context_known=batch.get("context_known", batch.get("has_mask")))
 
     def loss(self, outputs, batch):
         from deepsc.model.losses import total_loss
@@ -199,17 +201,17 @@ def prepare_stage(
     """Model (seeded init, stage-1 weights for finetune), training set, adapter and settings."""
     from deepsc.model.losses import LossConfig
     from deepsc.model.network import DeepSC, ModelConfig
-    from deepsc.train.dataset import ScanDataset, class_counts, read_cohort
+    from deepsc.train.dataset import ScanDataset, class_counts, predicted_lesion_context, read_cohort
     from deepsc.train.engine import EngineConfig, seed_everything
 
     plan = stage_plan(stage, params)
+    context_source = lesion_context_source(params)
     inits = _stage1_folders(stage, init_from)
     engine = EngineConfig.from_params(params, STAGE_SECTION[stage])
     records = read_cohort(Path(preprocessed), Path(split), "train")
     check_patch_size(records[0].patch_size, params)
     lesion_patch_prob = float(params.get("train", {}).get("lesion_patch_prob", 0.8))
     flip_prob = float(params.get("train", {}).get("flip_prob", 0.0))
-    dataset = ScanDataset(records, "train", lesion_patch_prob, engine.seed, flip_prob=flip_prob)
     counts = class_counts(records)
 
     seed_everything(engine.seed)
@@ -217,6 +219,10 @@ def prepare_stage(
     model = DeepSC(model_config)
     if inits:
         model.load_stage_weights(inits["seg"] / "model.pt", inits["cls"] / "model.pt")
+    context = None
+    if plan.stage == "finetune" and plan.teacher_forcing and context_source == "predicted":
+        context = predicted_lesion_context(_stage1_segmenter(model), records, model_config.cls_shape)
+    dataset = ScanDataset(records, "train", lesion_patch_prob, engine.seed, flip_prob=flip_prob, lesion_context=context)
     adapter = DeepSCAdapter(plan, LossConfig.from_params(params, class_counts=counts))
     config = {
         "kind": "deepsc",
@@ -232,6 +238,37 @@ def prepare_stage(
         "engine": _jsonable(engine),
     }
     return PreparedStage(plan, model, dataset, adapter, engine, config)
+
+
+LESION_CONTEXTS = ("predicted", "reference")
+
+
+def lesion_context_source(params: Mapping[str, Any]) -> str:
+    """``train.lesion_context``: what completes the classifier's lesion map outside the patch in
+    joint fine-tuning: ``predicted`` (the stage-1 segmentation of the whole scan, as at
+    inference) or ``reference`` (the reference mask)."""
+    source = str(params.get("train", {}).get("lesion_context", "predicted"))
+    if source not in LESION_CONTEXTS:
+        raise ConfigError(f"train.lesion_context must be one of {', '.join(LESION_CONTEXTS)}, got {source!r}")
+    return source
+
+
+def _stage1_segmenter(model: Any) -> Any:
+    """``(Z, Y, X) image -> lesion probability`` with the seg path alone (stage-1 weights)."""
+    import torch
+
+    from deepsc.inference import stitch_patch_predictions
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+
+    def segment(image):
+        with torch.no_grad():
+            return stitch_patch_predictions(
+                image, model.config.patch_size, 4,
+                lambda batch: torch.sigmoid(model(None, batch.to(device), None, task="seg")["seg_logit"]))
+
+    return segment
 
 
 def train_stage(
