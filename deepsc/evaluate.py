@@ -312,7 +312,7 @@ def evaluate_model(model_dir: Path, preprocessed: Path, split: Path, out_dir: Pa
         preprocessed: the preprocessed cohort (``index.csv``, ``cases/``).
         split: ``split.csv``; its ``test`` rows are evaluated.
         out_dir: output folder (created).
-        params: merged settings (``evaluate``, ``paths.manifest``, ``mlflow``).
+        params: merged settings (``evaluate``, ``inference``, ``paths.manifest``, ``mlflow``).
         compare: folders holding more model folders (ablations, baselines) to compare with.
         manifest: the cohort manifest whose original lesion masks are the reference (default:
             ``paths.manifest``); it must be the cohort that was preprocessed.
@@ -321,16 +321,17 @@ def evaluate_model(model_dir: Path, preprocessed: Path, split: Path, out_dir: Pa
     Returns:
         The flat metrics of ``model_dir`` (as in metrics.json) plus ``seg_geometry``.
     """
-    from deepsc.inference import Predictor
+    from deepsc.inference import Predictor, mirror_setting
 
     out_dir = Path(out_dir)
     cases = test_cases(Path(preprocessed), Path(split))
     masks = original_masks(manifest or Path((params.get("paths") or {}).get("manifest", "data/manifest.csv")), cases)
     chunk = int(params.get("evaluate", {}).get("sw_batch_size", 4))
-    main = evaluate_predictor(Predictor.from_dir(model_dir, chunk_size=chunk), cases, params, masks,
+    mirror = mirror_setting(params)
+    main = evaluate_predictor(Predictor.from_dir(model_dir, chunk_size=chunk, mirror=mirror), cases, params, masks,
                               Path(model_dir).name, Path(model_dir), progress)
     write_evaluation(main, out_dir)
-    others = [evaluate_predictor(Predictor.from_dir(folder, chunk_size=chunk), cases, params, masks, name, folder, progress)
+    others = [evaluate_predictor(Predictor.from_dir(folder, chunk_size=chunk, mirror=mirror), cases, params, masks, name, folder, progress)
               for name, folder in discover_models(compare, exclude=Path(model_dir))]
     for other in others:
         write_evaluation(other, out_dir / "compare" / other.name.replace("/", "__"), figures=False)

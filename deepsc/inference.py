@@ -26,6 +26,13 @@ Segmentation always covers the whole scan with the non-overlapping patch grid of
 probability map has exactly the scan's shape. Evidence maps are the class activation maps of the
 predicted class (units e3, e2, e1), resized to the scan and min-max normalised to [0, 1] over it.
 A seg-only model gives no class and no evidence; a cls-only model gives no lesion map.
+
+Test-time mirroring (``mirror=True``, the default; params.yaml ``inference.mirror``): the scan
+and its left-right mirror image (X flipped, as in training's augmentation) both run through the
+model, and the lesion probability (flipped back) and class probabilities are averaged, as
+nnU-Net does. Twice the time, about one Dice point more on the synthetic cohort. Evidence maps
+come from the pass whose own decision matches the averaged one (the un-mirrored pass first),
+so they always explain the class reported.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +81,14 @@ class CasePrediction:
         return None if self.class_prob is None else int(np.argmax(self.class_prob))
 
 
+def mirror_setting(params: Mapping[str, Any]) -> bool:
+    """params.yaml ``inference.mirror`` (default true): test-time left-right mirroring."""
+    value = (params.get("inference") or {}).get("mirror", True)
+    if not isinstance(value, bool):
+        raise ConfigError(f"inference.mirror must be true or false, got {value!r}")
+    return value
+
+
 def resolve_device(device: str = "auto") -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other values are checked."""
     import torch
@@ -96,10 +111,11 @@ class Predictor:
         device: torch device string the model lives on.
         chunk_size: patches per forward pass (bounds memory; ``evaluate.sw_batch_size``).
         source: where the model came from (shown in reports).
+        mirror: average with the left-right mirrored scan (see the module docstring).
     """
 
     def __init__(self, model: Any, config: dict[str, Any], device: str = "cpu", chunk_size: int = DEFAULT_CHUNK,
-                 source: str | None = None) -> None:
+                 source: str | None = None, mirror: bool = True) -> None:
         import torch
 
         if not isinstance(model, torch.nn.Module):
@@ -119,6 +135,7 @@ class Predictor:
         self.device = device
         self.chunk_size = chunk_size
         self.source = source or "in-memory model"
+        self.mirror = bool(mirror)
         prep = self.preprocess_params
         self.patch_size: tuple[int, int, int] = tuple(int(v) for v in prep["patch_size"])  # type: ignore[assignment]
         cls_size = tuple(int(v) for v in prep["cls_size"])
@@ -126,7 +143,8 @@ class Predictor:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dir(cls, model_dir: str | Path, device: str = "auto", chunk_size: int = DEFAULT_CHUNK) -> "Predictor":
+    def from_dir(cls, model_dir: str | Path, device: str = "auto", chunk_size: int = DEFAULT_CHUNK,
+                 mirror: bool = True) -> "Predictor":
         """Rebuild a trained model folder (``config.json`` + ``model.pt``).
 
         Raises:
@@ -145,7 +163,7 @@ class Predictor:
             raise InputError(str(folder), f"cannot load the model: {exc}") from None
         except (RuntimeError, KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise InputError(str(folder), f"config.json and model.pt do not fit together ({type(exc).__name__}: {exc})") from None
-        return cls(model, config, resolved, chunk_size, source=str(folder))
+        return cls(model, config, resolved, chunk_size, source=str(folder), mirror=mirror)
 
     # ------------------------------------------------------------------ description
     @property
@@ -194,6 +212,14 @@ class Predictor:
         if self.has_classification and tuple(cls_arr.shape) != self.cls_shape:
             raise InputError(case_id, f"classification input has shape {tuple(cls_arr.shape)}, the model needs {self.cls_shape} "
                                       "(preprocess.cls_slices, cls_size of its training)")
+        plain = self._predict_once(image, cls_arr, with_evidence)
+        if not self.mirror:
+            return plain
+        mirrored = self._predict_once(np.ascontiguousarray(image[..., ::-1]), np.ascontiguousarray(cls_arr[..., ::-1]),
+                                      with_evidence)
+        return _average_with_mirror(plain, mirrored)
+
+    def _predict_once(self, image: np.ndarray, cls_arr: np.ndarray, with_evidence: bool) -> CasePrediction:
         if self.kind == "deepsc" and self.task == "joint":
             return self._predict_joint(image, cls_arr, with_evidence)
         lesion_prob = seconds_seg = class_prob = evidence = seconds_cls = None
@@ -265,6 +291,19 @@ class Predictor:
         if not np.all(np.isfinite(arr)):
             raise InputError(case_id, f"{name} holds NaN or infinite values")
         return arr
+
+
+def _average_with_mirror(plain: CasePrediction, mirrored: CasePrediction) -> CasePrediction:
+    """Combine a scan's prediction with its mirror image's (X flipped back); see the module docstring."""
+    unflip = lambda a: np.ascontiguousarray(a[..., ::-1])  # noqa: E731
+    total = lambda a, b: None if a is None else a + (b or 0.0)  # noqa: E731
+    lesion = None if plain.lesion_prob is None else (plain.lesion_prob + unflip(mirrored.lesion_prob)) / 2
+    probs = None if plain.class_prob is None else (plain.class_prob + mirrored.class_prob) / 2
+    evidence = plain.evidence
+    if probs is not None and plain.evidence is not None and plain.predicted_class != int(np.argmax(probs)):
+        evidence = [unflip(v) for v in mirrored.evidence]
+    return CasePrediction(lesion, probs, evidence, total(plain.seconds_seg, mirrored.seconds_seg),
+                          total(plain.seconds_cls, mirrored.seconds_cls))
 
 
 def stitch_patch_predictions(image: np.ndarray, patch_size: Sequence[int], chunk_size: int,

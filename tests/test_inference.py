@@ -106,7 +106,7 @@ def test_patches_are_independent_and_all_of_them_are_used(tmp_path):
     """A seg-only model is local: changing one patch changes the output only in that patch."""
     from deepsc.inference import Predictor
 
-    predictor = Predictor.from_dir(make_model_dir(tmp_path / "m", "deepsc", "seg"), device="cpu")
+    predictor = Predictor.from_dir(make_model_dir(tmp_path / "m", "deepsc", "seg"), device="cpu", mirror=False)
     image, cls = scan((16, 64, 40))
     before = predictor.predict_case(image, cls).lesion_prob
     changed = image.copy()
@@ -115,6 +115,37 @@ def test_patches_are_independent_and_all_of_them_are_used(tmp_path):
     differs = np.abs(after - before) > 1e-6
     assert differs[8:, 32:, 32:].any()
     assert not differs[:8].any() and not differs[:, :32].any() and not differs[:, :, :32].any()
+
+
+@pytest.mark.parametrize(("kind", "task"), [("deepsc", "joint"), ("unet", "seg"), ("classifier", "cls")])
+def test_mirroring_averages_the_scan_and_its_mirror_image(tmp_path, kind, task):
+    from deepsc.inference import Predictor
+
+    folder = make_model_dir(tmp_path / "m", kind, task)
+    once = Predictor.from_dir(folder, device="cpu", mirror=False)
+    image, cls = scan()
+    plain = once.predict_case(image, cls)
+    flipped = once.predict_case(image[..., ::-1], cls[..., ::-1])
+    both = Predictor.from_dir(folder, device="cpu").predict_case(image, cls)  # mirror is the default
+    if plain.lesion_prob is not None:
+        np.testing.assert_allclose(both.lesion_prob, (plain.lesion_prob + flipped.lesion_prob[..., ::-1]) / 2, atol=1e-6)
+        assert not np.allclose(plain.lesion_prob, flipped.lesion_prob[..., ::-1], atol=1e-4)  # the mirror pass is real
+    if plain.class_prob is not None:
+        np.testing.assert_allclose(both.class_prob, (plain.class_prob + flipped.class_prob) / 2, atol=1e-6)
+    if plain.evidence is not None:  # evidence of the pass that agrees with the averaged decision
+        source = plain.evidence if plain.predicted_class == both.predicted_class else [v[..., ::-1] for v in flipped.evidence]
+        for got, want in zip(both.evidence, source):
+            np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_mirror_setting_is_checked():
+    from deepsc.errors import ConfigError
+    from deepsc.inference import mirror_setting
+
+    assert mirror_setting({}) is True
+    assert mirror_setting({"inference": {"mirror": False}}) is False
+    with pytest.raises(ConfigError, match="inference.mirror"):
+        mirror_setting({"inference": {"mirror": "yes"}})
 
 
 def test_joint_prediction_is_deterministic_in_eval_mode(tmp_path):
