@@ -15,6 +15,7 @@ a cohort of ``--train-scans`` scans with the epochs in params.yaml.
 from __future__ import annotations
 
 import argparse
+import math
 import dataclasses
 import resource
 import sys
@@ -69,7 +70,7 @@ def bench_stage(params: Mapping[str, Any], stage: str, steps: int, warmup: int, 
 
     from deepsc.model.losses import LossConfig
     from deepsc.model.network import DeepSC, ModelConfig
-    from deepsc.train.engine import EngineConfig, resolve_amp
+    from deepsc.train.engine import EngineConfig, _to_float32, resolve_amp
     from deepsc.train.stages import STAGE_SECTION, DeepSCAdapter, stage_plan
 
     engine = EngineConfig.from_params(params, STAGE_SECTION[stage])
@@ -89,9 +90,7 @@ def bench_stage(params: Mapping[str, Any], stage: str, steps: int, warmup: int, 
     def step() -> None:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             outputs = adapter.forward(model, batch)
-        outputs = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else
-                       [t.float() for t in v] if isinstance(v, list) else v) for k, v in outputs.items()}
-        loss = adapter.loss(outputs, batch)["total"]
+        loss = adapter.loss(_to_float32(outputs), batch)["total"]  # as the engine: losses in float32
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -119,6 +118,39 @@ def bench_stage(params: Mapping[str, Any], stage: str, steps: int, warmup: int, 
     }
 
 
+def amp_agreement(params: Mapping[str, Any], device: "torch.device", dtype: "torch.dtype") -> dict[str, float]:
+    """One joint fine-tuning forward/backward under autocast ``dtype`` vs float32, same weights and
+    batch: relative error of the loss and of the whole gradient vector, and whether all is finite."""
+    import torch
+
+    from deepsc.model.losses import LossConfig
+    from deepsc.model.network import DeepSC, ModelConfig
+    from deepsc.train.engine import _to_float32
+    from deepsc.train.stages import DeepSCAdapter, stage_plan
+
+    torch.manual_seed(0)
+    model = DeepSC(ModelConfig.from_params(params)).to(device).train()
+    adapter = DeepSCAdapter(stage_plan("finetune", params), LossConfig.from_params(params, class_counts=[1, 1, 1]))
+    batch = synthetic_batch(params, 2, device, seed=1)
+
+    def loss_and_grad(amp: "torch.dtype | None") -> tuple[float, "torch.Tensor"]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            outputs = adapter.forward(model, batch)
+        loss = adapter.loss(_to_float32(outputs), batch)["total"]
+        loss.backward()
+        grad = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+        return float(loss), grad
+
+    ref_loss, ref_grad = loss_and_grad(None)
+    amp_loss, amp_grad = loss_and_grad(dtype)
+    return {
+        "loss_rel_err": abs(amp_loss - ref_loss) / abs(ref_loss),
+        "grad_rel_err": float((amp_grad - ref_grad).norm() / ref_grad.norm()),
+        "finite": bool(torch.isfinite(amp_grad).all()) and math.isfinite(amp_loss),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -132,12 +164,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--train-scans", type=int, default=68, help="training scans for the wall-time estimate")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--check-amp", action="store_true", help="on CUDA: compare bf16 / fp16 autocast with float32")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} train_scans={args.train_scans}")
     header = f"{'profile':8} {'stage':13} {'batch':>5} {'params(M)':>9} {'s/step':>8} {'s/scan':>8} {'scans/s':>8} {'cpu s/scan':>10} {'peak MB':>8} {'epochs':>6} {'est. s':>8}"
+    if args.check_amp and device.type == "cuda":
+        for profile in args.profile:
+            params = load_params(REPO / "params.yaml", profile)
+            for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+                r = amp_agreement(params, device, dtype)
+                print(f"amp {profile:8} {name}: loss rel. error {r['loss_rel_err']:.2e}, gradient rel. error "
+                      f"{r['grad_rel_err']:.2e}, finite {r['finite']}")
     print(header)
     for profile in args.profile:
         params = load_params(REPO / "params.yaml", profile)
