@@ -304,7 +304,8 @@ def _aggregate(per_case: Any, predictor: Any) -> tuple[dict[str, Any], dict[str,
 
 
 def evaluate_model(model_dir: Path, preprocessed: Path, split: Path, out_dir: Path, params: Mapping[str, Any],
-                   compare: Sequence[Path] = (), *, manifest: Path | None = None, progress: bool = True) -> dict[str, Any]:
+                   compare: Sequence[Path] = (), *, manifest: Path | None = None, progress: bool = True,
+                   mlflow_prefix: str = "test") -> dict[str, Any]:
     """Evaluate a model folder on the held-out scans and write the outputs listed above.
 
     Args:
@@ -317,6 +318,10 @@ def evaluate_model(model_dir: Path, preprocessed: Path, split: Path, out_dir: Pa
         manifest: the cohort manifest whose original lesion masks are the reference (default:
             ``paths.manifest``); it must be the cohort that was preprocessed.
         progress: tqdm bars.
+        mlflow_prefix: the metrics are logged to each model's run as ``<prefix>_<metric>`` and the
+            files as the artifact folder ``evaluation`` (prefix ``test``) or
+            ``evaluation_<prefix>``: another cohort gets its own prefix instead of overwriting
+            the held-out numbers (which the registry's promotion gate reads). Empty: not logged.
 
     Returns:
         The flat metrics of ``model_dir`` (as in metrics.json) plus ``seg_geometry``.
@@ -337,9 +342,10 @@ def evaluate_model(model_dir: Path, preprocessed: Path, split: Path, out_dir: Pa
         write_evaluation(other, out_dir / "compare" / other.name.replace("/", "__"), figures=False)
     if others:
         write_comparison([main, *others], out_dir)
-    for evaluation in [main, *others]:
+    logged = [main, *others] if mlflow_prefix else []
+    for evaluation in logged:
         log_to_mlflow(evaluation, out_dir if evaluation is main else out_dir / "compare" / evaluation.name.replace("/", "__"),
-                      params)
+                      params, mlflow_prefix)
     return {**main.metrics, "seg_geometry": main.seg_geometry}
 
 
@@ -521,8 +527,8 @@ def _write_bytes(path: Path, payload: bytes) -> None:
 # ----------------------------------------------------------------------------- MLflow
 
 
-def log_to_mlflow(evaluation: ModelEvaluation, folder: Path, params: Mapping[str, Any]) -> bool:
-    """Log the test metrics (prefixed ``test_``) and ``folder`` to the model's training run.
+def log_to_mlflow(evaluation: ModelEvaluation, folder: Path, params: Mapping[str, Any], prefix: str = "test") -> bool:
+    """Log the metrics (as ``<prefix>_<metric>``) and ``folder`` to the model's training run.
 
     Returns False (with a warning) when the model has no run or MLflow cannot be reached.
     """
@@ -541,9 +547,9 @@ def log_to_mlflow(evaluation: ModelEvaluation, folder: Path, params: Mapping[str
         import mlflow
 
         with mlflow.start_run(run_id=run_id):
-            tracking.log_metrics({f"test_{k}": v for k, v in evaluation.metrics.items()})
-            mlflow.set_tag("test_seg_geometry", evaluation.seg_geometry)
-            tracking.log_artifacts(folder, artifact_path="evaluation")
+            tracking.log_metrics({f"{prefix}_{k}": v for k, v in evaluation.metrics.items()})
+            mlflow.set_tag(f"{prefix}_seg_geometry", evaluation.seg_geometry)
+            tracking.log_artifacts(folder, artifact_path="evaluation" if prefix == "test" else f"evaluation_{prefix}")
     except Exception as exc:  # tracking is best effort: the files are the record
         log.warning("could not log the evaluation of %s to MLflow run %s: %s", evaluation.name, run_id, exc)
         return False
@@ -562,6 +568,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
                         help="cohort manifest with the original lesion masks (default: paths.manifest)")
     parser.add_argument("--compare", type=Path, nargs="*", default=[],
                         help="folders of more model folders to compare with (e.g. outputs/ablation outputs/baselines)")
+    parser.add_argument("--mlflow-prefix", default="test",
+                        help="metric prefix in each model's MLflow run (default test: the held-out split); give an "
+                             "external cohort its own, e.g. hospital_b; '' = do not log")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -569,7 +578,7 @@ def run_cli(args: argparse.Namespace, params: Mapping[str, Any]) -> int:
     if not params:
         raise ConfigError("evaluate needs params.yaml (sections evaluate, paths, mlflow)")
     metrics = evaluate_model(args.model, args.preprocessed, args.split, args.out, params, args.compare,
-                             manifest=args.manifest, progress=not args.no_progress)
+                             manifest=args.manifest, progress=not args.no_progress, mlflow_prefix=args.mlflow_prefix)
     shown = {k: metrics.get(k) for k in ("dsc_mean", "nsd_mean", "rmsd_mm_mean", "accuracy", "f1_macro", "auc_macro")}
     print(" ".join(f"{k}={v:.4f}" if _finite(v) else f"{k}=n/a" for k, v in shown.items()))
     print(f"segmentation measured on the {metrics['seg_geometry']} grid; outputs in {args.out}")

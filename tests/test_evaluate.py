@@ -177,6 +177,13 @@ def test_evaluation_is_logged_to_the_models_run(cohort, tmp_path, monkeypatch):
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
     assert "evaluation/metrics.json" in artifacts
 
+    # another cohort under its own prefix leaves the held-out numbers alone
+    held_out = logged.data.metrics["test_accuracy"]
+    evaluate_model(model, preprocessed, split, tmp_path / "other", params, progress=False, mlflow_prefix="hospital_b")
+    logged = mlflow.MlflowClient().get_run(run.info.run_id)
+    assert "hospital_b_accuracy" in logged.data.metrics and logged.data.metrics["test_accuracy"] == held_out
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)} >= {"evaluation", "evaluation_hospital_b"}
+
 
 def test_bad_cohorts_are_clear_errors(cohort, tmp_path):
     from deepsc.evaluate import discover_models, test_cases
