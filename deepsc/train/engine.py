@@ -472,7 +472,7 @@ def _train_epoch(module, loader, adapter: Adapter, optimizer, scheduler, scaler,
             counts[name] = counts.get(name, 0.0) + size
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{float(total):.4f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{_as_float(total):.4f}")
     record = _all_reduce_means(sums, counts, ctx)
     record["lr"] = float(lr_at_start)
     return record
