@@ -52,9 +52,9 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Sequence, Any
+from typing import Any
 
 import numpy as np
 

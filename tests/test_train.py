@@ -408,7 +408,7 @@ def test_joint_finetune_completes_the_lesion_map_with_the_stage1_segmentation(tr
     from deepsc.config import apply_overrides
     from deepsc.errors import ConfigError
     from deepsc.inference import Predictor
-    from deepsc.train.dataset import on_cls_grid
+    from deepsc.data.preprocess import classification_input
     from deepsc.train.stages import prepare_stage
 
     stage1 = {"seg": trained["seg"], "cls": trained["cls"]}
@@ -417,7 +417,8 @@ def test_joint_finetune_completes_the_lesion_map_with_the_stage1_segmentation(tr
     segmenter = Predictor.from_dir(trained["seg"], device="cpu", mirror=False)
     for index, record in enumerate(predicted.records):
         image = np.load(record.case_dir / "image.npy").astype(np.float32)
-        want = on_cls_grid(segmenter.predict_case(image, np.zeros(CLS_SHAPE, np.float32)).lesion_prob, CLS_SHAPE)
+        want = classification_input(segmenter.predict_case(image, np.zeros(CLS_SHAPE, np.float32)).lesion_prob,
+                                    CLS_SHAPE[0], CLS_SHAPE[1:])
         item = predicted[index]
         np.testing.assert_allclose(item["lesion_cls"][0].numpy(), want, atol=1e-5)
         assert bool(item["context_known"])

@@ -300,12 +300,13 @@ class ClassificationSubnet(nn.Module):
 def _with_context(
     pasted: torch.Tensor, coverage: torch.Tensor, context: torch.Tensor | None, known: torch.Tensor | None, grid: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Complete a pasted lesion map outside its coverage from a reference mask (teacher forcing).
+    """Complete a pasted lesion map outside its coverage from a whole-scan lesion map (training).
 
     Args:
         pasted, coverage: ``(B, 1, D, H, W)`` from :func:`paste_into_grid` (zeros: nothing pasted).
-        context: ``(B, 1, N, Hc, Wc)`` reference lesion mask on the cls input grid, or None.
-        known: ``(B,)`` bool, whose reference is known (None = all).
+        context: ``(B, 1, N, Hc, Wc)`` lesion map on the cls input grid (stage-1 prediction or
+            reference mask), or None.
+        known: ``(B,)`` bool, whose context is known (None = all).
         grid: ``(D, H, W)`` of the C-features (the context is area-averaged onto it).
 
     Returns:
@@ -379,8 +380,8 @@ class DeepSC(nn.Module):
             lesion_context: ``(B, 1, N, Hc, Wc)`` lesion map on the cls grid (the stage-1
                 segmentation of the whole scan, or the reference mask), training only. The
                 classifier's lesion input is S_hat over the whole scan; a training
-                sample segments one patch, so the rest of the scan is filled from this mask
-                (teacher forcing) and the classifier sees whole-scan lesion maps in training as
+                sample segments one patch, so the rest of the scan is filled from this map
+                and the classifier sees whole-scan lesion maps in training as
                 at inference (:meth:`infer_scan` pastes every patch). In task ``cls`` (stage-1
                 pre-training, seg path untrained) the whole map comes from it.
             context_known: ``(B,)`` bool, samples whose lesion_context is known; the others keep

@@ -198,21 +198,15 @@ class ScanDataset:
         """float32 ``(N, Hc, Wc)``: the lesion mask sampled like ``cls.npy`` (zeros when unknown)."""
         if not record.has_mask:
             return np.zeros(cls_shape, dtype=np.float32)
-        return on_cls_grid(_load(record, "lesion.npy"), cls_shape)
+        from deepsc.data.preprocess import classification_input
+
+        return classification_input(_load(record, "lesion.npy"), cls_shape[0], cls_shape[1:])
 
     @staticmethod
     def _lesion(record: CaseRecord, shape: tuple[int, ...]) -> np.ndarray:
         if not record.has_mask:
             return np.zeros(shape, dtype=np.float32)
         return _load(record, "lesion.npy").astype(np.float32)
-
-
-def on_cls_grid(volume: np.ndarray, cls_shape: Sequence[int]) -> np.ndarray:
-    """float32 ``(N, Hc, Wc)``: a ``(Z, Y, X)`` map sampled like ``cls.npy`` (eq. 12 slices, in-plane resize)."""
-    from deepsc.data.preprocess import cls_slice_indices, resize
-
-    picked = np.asarray(volume, dtype=np.float32)[cls_slice_indices(volume.shape[0], int(cls_shape[0]))]
-    return resize(picked, tuple(int(v) for v in cls_shape), order=1, anti_alias=True).astype(np.float32)
 
 
 def predicted_lesion_context(segment: Any, records: Sequence[CaseRecord], cls_shape: Sequence[int]) -> dict[str, np.ndarray]:
@@ -228,7 +222,10 @@ def predicted_lesion_context(segment: Any, records: Sequence[CaseRecord], cls_sh
         records: the training scans.
         cls_shape: ``(N, Hc, Wc)``.
     """
-    return {r.case_id: on_cls_grid(segment(_load(r, "image.npy").astype(np.float32)), cls_shape) for r in records}
+    from deepsc.data.preprocess import classification_input
+
+    return {r.case_id: classification_input(segment(_load(r, "image.npy").astype(np.float32)), cls_shape[0], cls_shape[1:])
+            for r in records}
 
 
 # --------------------------------------------------------------------------- reading
