@@ -39,6 +39,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "wide": {"model.seg_widths": [24, 48, 96, 192]},
     "noflip": {"train.flip_prob": 0.0},
     "reference_context": {"train.lesion_context": "reference"},
+    "cls_short": {"train.pretrain_cls.epochs": 20},
 }
 
 
@@ -81,7 +82,7 @@ def held_out_scores(model: Any, config: dict[str, Any], preprocessed: Path, spli
 
 def run_variant(name: str, overrides: dict[str, Any], scale: float | None, stages: str, preprocessed: str, split: str,
                 out_root: str, device: str, threads: int, stage1: list[str] | None = None,
-                evaluate_on: tuple[str, str] | None = None) -> dict[str, Any]:
+                evaluate_on: list[tuple[str, str]] | None = None, seg_from: str | None = None) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)  # on CUDA too: the jobs share the host's cores
@@ -101,6 +102,9 @@ def run_variant(name: str, overrides: dict[str, Any], scale: float | None, stage
     if stage1:  # fine-tune from existing stage-1 folders
         folders = {"pretrain-seg": Path(stage1[0]), "pretrain-cls": Path(stage1[1])}
         chosen = ("finetune",)
+    elif seg_from:  # re-use a trained segmentation stage 1, train the classification stages
+        folders = {"pretrain-seg": Path(seg_from)}
+        chosen = ("pretrain-cls", "finetune")
     for stage in chosen:
         init = {"seg": folders["pretrain-seg"], "cls": folders["pretrain-cls"]} if stage == "finetune" else None
         prepared = prepare_stage(stage, Path(preprocessed), Path(split), params, init)
@@ -119,8 +123,9 @@ def run_variant(name: str, overrides: dict[str, Any], scale: float | None, stage
     row.setdefault("epochs_pretrain-seg", 0)
     row.setdefault("train_dice", float("nan"))
     dev = next(prepared.model.parameters()).device.type
-    eval_preprocessed, eval_split = evaluate_on or (preprocessed, split)
-    row.update(held_out_scores(prepared.model, prepared.config, Path(eval_preprocessed), Path(eval_split), dev))
+    for number, (eval_preprocessed, eval_split) in enumerate(evaluate_on or [(preprocessed, split)]):
+        scores = held_out_scores(prepared.model, prepared.config, Path(eval_preprocessed), Path(eval_split), dev)
+        row.update({(f"{key}_{number}" if number else key): value for key, value in scores.items()})
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
 
 
@@ -128,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["base", "paper_seg_loss"], help=f"known: {', '.join(VARIANTS)}; "
                         "NAME@E trains E pretrain-seg epochs (the other stages scaled alike)")
-    parser.add_argument("--stages", choices=("seg", "all"), default="seg")
+    parser.add_argument("--stages", choices=("seg", "cls", "all"), default="seg",
+                        help="cls: pretrain-cls and finetune from the stage-1 segmentation in --seg-from")
+    parser.add_argument("--seg-from", default=None, help="with --stages cls: a trained pretrain-seg folder")
     parser.add_argument("--preprocessed", default="outputs/preprocessed")
     parser.add_argument("--split", default="outputs/split.csv")
     parser.add_argument("--out", default="outputs/budget_sweep")
@@ -138,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--stage1", nargs=2, metavar=("SEG_DIR", "CLS_DIR"), default=None,
                         help="with --stages all: fine-tune only, from these trained stage-1 folders")
-    parser.add_argument("--evaluate-on", nargs=2, metavar=("PREPROCESSED", "SPLIT"), default=None,
-                        help="score on the test scans of another preprocessed cohort (e.g. an independent one)")
+    parser.add_argument("--evaluate-on", nargs=2, metavar=("PREPROCESSED", "SPLIT"), action="append", default=None,
+                        help="score on the test scans of this preprocessed cohort (e.g. an independent one) "
+                             "instead of --preprocessed; repeat for several (scores of the n-th get the suffix _n)")
     args = parser.parse_args(argv)
+    if (args.stages == "cls") != bool(args.seg_from):
+        parser.error("--stages cls and --seg-from go together")
 
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -155,23 +165,30 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append((spec.replace("@", "_e"), VARIANTS[name], int(epochs) / seg_epochs if epochs else None))
     # spawn: a forked child must not inherit a CUDA context
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_variant, label, overrides, scale, args.stages, args.preprocessed, args.split,
-                               args.out, args.device, args.threads, args.stage1, args.evaluate_on)
-                   for label, overrides, scale in jobs]
-        rows = []
+        futures = {pool.submit(run_variant, label, overrides, scale, args.stages, args.preprocessed, args.split,
+                               args.out, args.device, args.threads, args.stage1, args.evaluate_on, args.seg_from): label
+                   for label, overrides, scale in jobs}
+        rows, failed = [], []
         for future in as_completed(futures):
-            row = future.result()
+            try:
+                row = future.result()
+            except Exception as exc:  # report at once; the other variants go on
+                failed.append(futures[future])
+                print(f"variant {futures[future]} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                continue
             rows.append(row)
             print(json.dumps(row), flush=True)
     rows.sort(key=lambda r: [spec.replace("@", "_e") for spec in args.variants].index(r["variant"]))
+    extra = sorted({k for r in rows for k in r if k.rsplit("_", 1)[-1].isdigit() and not k.startswith("epochs")})
     print(f"\n{'variant':<18}{'seg ep':>7}{'steps':>7}{'train s':>9}{'train dice':>11}{'test DSC':>9}{'+mirror':>9}"
-          f"{'acc':>7}{'AUC':>7}")
+          f"{'acc':>7}{'AUC':>7}" + "".join(f"{k:>14}" for k in extra))
     for r in rows:
         print(f"{r['variant']:<18}{r['epochs_pretrain-seg']:>7}{r['steps']:>7}{r['train_s']:>9}{r['train_dice']:>11}"
-              f"{r['dsc']:>9}{r['dsc_mirror']:>9}{r.get('accuracy', float('nan')):>7}{r.get('auc', float('nan')):>7}")
+              f"{r['dsc']:>9}{r['dsc_mirror']:>9}{r.get('accuracy', float('nan')):>7}{r.get('auc', float('nan')):>7}"
+              + "".join(f"{r.get(k, float('nan')):>14}" for k in extra))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

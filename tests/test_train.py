@@ -432,6 +432,33 @@ def test_joint_finetune_completes_the_lesion_map_with_the_stage1_segmentation(tr
                       apply_overrides(trained["params"], {"train.lesion_context": "oracle"}), stage1)
 
 
+def test_variants_sharing_a_stage1_segmentation_reuse_its_lesion_maps(trained, monkeypatch, tmp_path):
+    """The ablation grid fine-tunes variant after variant from one pretrain-seg folder: its
+    whole-scan predictions are computed once, and again when the weights change."""
+    import shutil
+
+    import torch
+
+    from deepsc.config import apply_overrides
+    from deepsc.train import dataset, stages
+
+    calls = []
+    real = dataset.predicted_lesion_context
+    monkeypatch.setattr(dataset, "predicted_lesion_context", lambda *a, **k: calls.append(1) or real(*a, **k))
+    stages._CONTEXT_CACHE.clear()
+    stage1 = {"seg": trained["seg"], "cls": trained["cls"]}
+    first = stages.prepare_stage("finetune", trained["pre"], trained["split"], trained["params"], stage1).dataset
+    lambda0 = apply_overrides(trained["params"], {"loss.lambda_ta": 0.0})
+    again = stages.prepare_stage("finetune", trained["pre"], trained["split"], lambda0, stage1).dataset
+    assert len(calls) == 1 and again.lesion_context.keys() == first.lesion_context.keys()
+    other = tmp_path / "seg"
+    shutil.copytree(trained["seg"], other)
+    state = torch.load(other / "model.pt", weights_only=True)
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, other / "model.pt")
+    stages.prepare_stage("finetune", trained["pre"], trained["split"], lambda0, {"seg": other, "cls": trained["cls"]})
+    assert len(calls) == 2
+
+
 def test_single_task_finetune_keeps_the_other_path(trained, tmp_path):
     import torch
 

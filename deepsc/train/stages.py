@@ -221,7 +221,12 @@ def prepare_stage(
         model.load_stage_weights(inits["seg"] / "model.pt", inits["cls"] / "model.pt")
     context = None
     if plan.stage == "finetune" and plan.teacher_forcing and context_source == "predicted":
-        context = predicted_lesion_context(_stage1_segmenter(model), records, model_config.cls_shape)
+        key = (hashlib.sha256((inits["seg"] / "model.pt").read_bytes()).hexdigest(), data_key(Path(preprocessed), Path(split)),
+               model_config.patch_size, model_config.cls_shape)
+        if key not in _CONTEXT_CACHE:
+            _CONTEXT_CACHE.clear()  # one entry: the ablation grid fine-tunes variant after variant from it
+            _CONTEXT_CACHE[key] = predicted_lesion_context(_stage1_segmenter(model), records, model_config.cls_shape)
+        context = _CONTEXT_CACHE[key]
     dataset = ScanDataset(records, "train", lesion_patch_prob, engine.seed, flip_prob=flip_prob, lesion_context=context)
     adapter = DeepSCAdapter(plan, LossConfig.from_params(params, class_counts=counts))
     config = {
@@ -241,6 +246,9 @@ def prepare_stage(
 
 
 LESION_CONTEXTS = ("predicted", "reference")
+# {(stage-1 seg weights sha256, data key, patch size, cls shape): lesion maps}: the ablation
+# variants that share a stage-1 segmentation do not run it over the training scans again (~20 s each)
+_CONTEXT_CACHE: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 
 def lesion_context_source(params: Mapping[str, Any]) -> str:
