@@ -52,3 +52,13 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 1800) -> 
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     return done
+
+
+def stop_process(process: subprocess.Popen, timeout: float) -> None:
+    """Terminate a test server; kill it when it has not exited within ``timeout`` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

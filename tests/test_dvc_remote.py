@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e_helpers import stop_process
+
 BIN = Path(sys.executable).parent
 MOTO_SERVER = BIN / "moto_server"
 DVC = BIN / "dvc"
@@ -83,12 +85,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):
         s3.create_bucket(Bucket=BUCKET)
         yield endpoint, s3
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout=10)
         log.close()
 
 

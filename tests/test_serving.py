@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.e2e_helpers import stop_process
+
 from deepsc import CLASSES
 from test_diagnose import synthetic_ct
 from test_inference import make_model_dir
@@ -205,12 +207,7 @@ def served_model(registered, tmp_path):
             pytest.fail(f"no /ping answer within 180 s: {log_path.read_text()[-3000:]}")
         yield port, result.sha256
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, timeout=20)
 
 
 @pytest.mark.slow
