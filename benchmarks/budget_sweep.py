@@ -39,6 +39,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "wide": {"model.seg_widths": [24, 48, 96, 192]},
     "noflip": {"train.flip_prob": 0.0},
     "reference_context": {"train.lesion_context": "reference"},
+    "cls32": {"preprocess.cls_slices": 32},  # needs a cohort preprocessed with it (--preprocessed)
     "cls_short": {"train.pretrain_cls.epochs": 20},
 }
 
