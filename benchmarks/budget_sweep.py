@@ -40,7 +40,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "noflip": {"train.flip_prob": 0.0},
     "reference_context": {"train.lesion_context": "reference"},
     "cls32": {"preprocess.cls_slices": 32},  # needs a cohort preprocessed with it (--preprocessed)
-    "cls_short": {"train.pretrain_cls.epochs": 20},
 }
 
 
