@@ -252,6 +252,7 @@ def diagnose_volume(volume: CTVolume, predictor: Any, params: Mapping[str, Any] 
         InputError: not a CT in HU, or no lung found.
     """
     from deepsc.data.lungseg import segment_lungs_from_params
+    from deepsc.inference import lesion_margin_setting
 
     started = time.perf_counter()
     settings = inference_params(params, predictor)
@@ -262,7 +263,7 @@ def diagnose_volume(volume: CTVolume, predictor: Any, params: Mapping[str, Any] 
         prepared = steps.run("preprocess", lambda: prepare_for_model(volume, lung, settings))
         prediction = steps.run("model", lambda: predictor.predict_case(prepared.image, prepared.cls, with_evidence=with_evidence,
                                                                         case_id=volume.case_id))
-        margin = float(settings.get("preprocess", {}).get("mask_margin_mm", 0.0))
+        margin = lesion_margin_setting(settings)
         lesion, evidence = steps.run("map back", lambda: _to_scan(prediction, prepared.meta, lung, margin))
         summary = steps.run("statistics", lambda: _summary(volume, lesion, lung, prediction, predictor, model_info))
     finally:
@@ -297,13 +298,13 @@ def prepare_for_model(volume: CTVolume, lung: np.ndarray, params: Mapping[str, A
 
 def lesion_mask_from_probability(prob: np.ndarray, lung: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
                                  margin_mm: float = 0.0) -> np.ndarray:
-    """The reported lesion mask: ``prob >= 0.5`` inside the region the model saw (the lungs grown
-    by ``margin_mm``, i.e. ``preprocess.mask_margin_mm``), components under
-    ``deepsc.data.analysis.MIN_COMPONENT_VOXELS`` voxels dropped (uint8 ``(Z, Y, X)``).
+    """The reported lesion mask: ``prob >= 0.5`` inside the lungs grown by ``margin_mm``
+    (``inference.lesion_margin_mm``, see :func:`deepsc.inference.lesion_margin_setting`),
+    components under ``deepsc.data.analysis.MIN_COMPONENT_VOXELS`` voxels dropped (uint8
+    ``(Z, Y, X)``; all zeros when nothing is left).
 
-    The model sees only that region of the scan, so its output elsewhere carries no
-    information; ``deepsc evaluate`` applies the same rule, so the reported metrics describe
-    exactly the masks ``deepsc diagnose`` writes.
+    ``deepsc evaluate`` applies the same rule, so the reported metrics describe exactly the
+    masks ``deepsc diagnose`` writes.
     """
     from deepsc.data.analysis import MIN_COMPONENT_VOXELS, lesion_components
     from deepsc.data.preprocess import grow_mask

@@ -7,8 +7,8 @@ Every test scan of the split runs through :class:`deepsc.inference.Predictor` at
   whose mask is all zeros, only the false-positive rate and volume are reported): the
   probability is mapped back onto the ORIGINAL scan grid (:func:`deepsc.data.preprocess.
   to_original_grid`, linear) and turned into the mask ``deepsc diagnose`` would write
-  (:func:`deepsc.diagnose.lesion_mask_from_probability`: >= 0.5, inside the region the model
-  saw, specks dropped); it is compared with the original lesion mask of the manifest
+  (:func:`deepsc.diagnose.lesion_mask_from_probability`: >= 0.5, inside the segmented lungs
+  grown by ``inference.lesion_margin_mm``, specks dropped); it is compared with the original lesion mask of the manifest
   (``paths.manifest``; read with :func:`deepsc.data.io.read_mask` against the scan geometry in
   meta.json) using the scan's real voxel spacing (:func:`deepsc.metrics.segmentation_metrics`:
   DSC, sensitivity, specificity, NSD at ``evaluate.nsd_tolerance_mm``, RMSD in mm). When the
@@ -189,8 +189,10 @@ def evaluate_predictor(predictor: Any, cases: Sequence[TestCase], params: Mappin
     import pandas as pd
     from tqdm import tqdm
 
+    from deepsc.inference import lesion_margin_setting
+
     tolerance = float(params.get("evaluate", {}).get("nsd_tolerance_mm", 3.0))
-    margin = float(params.get("preprocess", {}).get("mask_margin_mm", 0.0))
+    margin = lesion_margin_setting(params)
     rows = [_evaluate_case(predictor, case, masks, tolerance, margin)
             for case in tqdm(cases, desc=f"evaluate {name}", unit="scan", disable=not progress, leave=False)]
     per_case = pd.DataFrame(rows)

@@ -89,6 +89,22 @@ def mirror_setting(params: Mapping[str, Any]) -> bool:
     return value
 
 
+def lesion_margin_setting(params: Mapping[str, Any]) -> float:
+    """params.yaml ``inference.lesion_margin_mm`` (default 0): how far beyond the segmented lungs
+    a reported lesion voxel may lie, in mm.
+
+    The model sees the lungs grown by ``preprocess.mask_margin_mm`` (context, and consolidation
+    that a classical lung segmentation leaves out), but outside the lungs its "lesions" are
+    mostly chest wall and mediastinum next to subpleural lesions, whose HU resemble
+    consolidation: on the default cohort a 0 mm region scores 1-2 Dice points more than the
+    15 mm one on the training, held-out and independent scans alike.
+    """
+    value = (params.get("inference") or {}).get("lesion_margin_mm", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 100.0:
+        raise ConfigError(f"inference.lesion_margin_mm must be a number of mm in [0, 100], got {value!r}")
+    return float(value)
+
+
 def resolve_device(device: str = "auto") -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other values are checked."""
     import torch

@@ -124,6 +124,38 @@ def test_a_perfect_model_scores_perfectly(cohort, tmp_path, monkeypatch):
     assert on_original.metrics["specificity_mean"] > 0.99
 
 
+class ShellPredictor(PerfectPredictor):
+    """Calls lesion everything within 12 mm outside each scan's segmented lungs, nothing inside."""
+
+    def predict_case(self, image, cls, with_evidence=True, case_id="scan"):
+        import json
+
+        from deepsc.data.preprocess import grow_mask
+        from deepsc.inference import CasePrediction
+
+        case_dir = self.preprocessed / "cases" / case_id
+        lung = np.load(case_dir / "lung.npy") > 0
+        spacing = json.loads((case_dir / "meta.json").read_text())["spacing_mm"]
+        shell = (grow_mask(lung, spacing, 12.0) & ~lung).astype(np.float32)
+        return CasePrediction(shell, np.array([0.1, 0.1, 0.8], np.float32), None, 0.01, 0.01)
+
+
+def test_reported_lesions_stay_within_the_lesion_margin_of_the_lungs(cohort, tmp_path):
+    """inference.lesion_margin_mm: 0 (default) keeps nothing outside the segmented lungs; a
+    wider margin lets the shell through (false positives on the normal scans)."""
+    from deepsc import evaluate
+    from deepsc.config import apply_overrides
+
+    params, preprocessed, split = cohort
+    cases = evaluate.test_cases(preprocessed, split)
+    shell = ShellPredictor(preprocessed)
+    inside = evaluate.evaluate_predictor(shell, cases, params, None, "shell", tmp_path, progress=False)
+    assert inside.metrics["normal_false_positive_rate"] == 0.0 and inside.metrics["normal_false_positive_ml_mean"] == 0.0
+    wide = apply_overrides(params, {"inference.lesion_margin_mm": 15.0})
+    outside = evaluate.evaluate_predictor(shell, cases, wide, None, "shell", tmp_path, progress=False)
+    assert outside.metrics["normal_false_positive_rate"] == 1.0 and outside.metrics["normal_false_positive_ml_mean"] > 1.0
+
+
 def test_compare_puts_deepsc_ablations_and_baselines_side_by_side(cohort, tmp_path):
     from deepsc.evaluate import evaluate_model
 

@@ -138,6 +138,17 @@ def test_mirroring_averages_the_scan_and_its_mirror_image(tmp_path, kind, task):
             np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_lesion_margin_setting_is_checked():
+    from deepsc.errors import ConfigError
+    from deepsc.inference import lesion_margin_setting
+
+    assert lesion_margin_setting({}) == 0.0
+    assert lesion_margin_setting({"inference": {"lesion_margin_mm": 7}}) == 7.0
+    for bad in (-1.0, True, "5", 1000):
+        with pytest.raises(ConfigError, match="lesion_margin_mm"):
+            lesion_margin_setting({"inference": {"lesion_margin_mm": bad}})
+
+
 def test_mirror_setting_is_checked():
     from deepsc.errors import ConfigError
     from deepsc.inference import mirror_setting
