@@ -11,8 +11,11 @@ Version tags written here:
 * ``model_sha256``: sha256 of ``model.pt`` (registration is idempotent on it);
 * ``promotion_decision`` (champion | challenger) and ``promotion_reason``: the decision taken when
   the version was promoted (where it stands now is what the aliases say);
-* ``metric.dsc_mean``, ``metric.accuracy``: the gated metrics the decision used, so that later
-  versions are compared with exactly these numbers;
+* ``metric.dsc_mean``, ``metric.accuracy``: the version's gated metrics from its latest
+  evaluation; later versions are compared with exactly these numbers. Registering the same
+  model.pt again with a new evaluation (e.g. after an inference setting changed) updates them,
+  also on the champion, which keeps its alias: a candidate is never gated against numbers from
+  an older evaluation;
 * ``forced_by`` on a forced promotion; ``data_version``, ``git_commit`` from the run.
 
 Both functions are idempotent: running them again for the same version (or the same model.pt)
@@ -143,11 +146,18 @@ def promote(
         raise ConfigError("a forced promotion needs a reason (--reason \"...\")")
     champion = _alias_version(client, model_name, CHAMPION)
 
+    metric_tags = {f"{METRIC_TAG_PREFIX}{key}": repr(value) for key, value in candidate.items()}
     if champion == version:
+        # Re-evaluated (same weights, new evaluation): the champion keeps its alias and reason, but
+        # its metric tags follow the evaluation, so the next candidate is compared like with like.
+        refreshed = _set_tags(client, model_name, version, current.tags, metric_tags)
         stored = current.tags.get(TAG_REASON) or "already the champion"
-        return PromotionDecision(model_name, version, CHAMPION, stored, champion, bool(current.tags.get(TAG_FORCED_BY)), False)
+        if refreshed:
+            stored += "; re-evaluated since: " + ", ".join(f"{key} {value:.4f}" for key, value in candidate.items())
+            log.info("%s v%s (champion): %s", model_name, version, stored)
+        return PromotionDecision(model_name, version, CHAMPION, stored, champion, bool(current.tags.get(TAG_FORCED_BY)), refreshed)
 
-    tags = {f"{METRIC_TAG_PREFIX}{key}": repr(value) for key, value in candidate.items()}
+    tags = dict(metric_tags)
     if force:
         alias, why = CHAMPION, f"forced: {reason.strip()}"  # type: ignore[union-attr]
         tags[TAG_FORCED_BY] = os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"

@@ -126,6 +126,22 @@ def test_promote_twice_changes_nothing(client, model_name, tmp_path, second_metr
     assert (again.alias, again.reason, again.changed) == (first.alias, first.reason, False)
 
 
+def test_reevaluated_champion_is_gated_with_its_new_numbers(client, model_name, tmp_path):
+    v1 = new_version(client, model_name, tmp_path)
+    promote(client, model_name, v1, GOOD, TOLERANCE)
+    reevaluated = {"dsc_mean": 0.85, "accuracy": 0.90}  # same weights, a new evaluation
+    again = promote(client, model_name, v1, reevaluated, TOLERANCE)
+    assert (again.alias, again.changed) == (CHAMPION, True)
+    assert "first version" in again.reason and "re-evaluated since: dsc_mean 0.8500" in again.reason
+    tags = client.get_model_version(model_name, v1).tags
+    assert float(tags["metric.dsc_mean"]) == 0.85 and tags[TAG_DECISION] == CHAMPION
+    assert promote(client, model_name, v1, reevaluated, TOLERANCE).changed is False
+    # 0.83 passes against the stale 0.80, not against the champion's current 0.85
+    v2 = new_version(client, model_name, tmp_path)
+    decision = promote(client, model_name, v2, {"dsc_mean": 0.83, "accuracy": 0.90}, TOLERANCE)
+    assert decision.alias == CHALLENGER and "dsc_mean 0.8300 < 0.8500 - 0.0100" in decision.reason
+
+
 def test_force_records_who_and_why(client, model_name, tmp_path, monkeypatch):
     monkeypatch.setenv("USER", "dr-test")
     v1 = new_version(client, model_name, tmp_path)
