@@ -5,7 +5,8 @@ segmentation path only; ``--stages all`` trains pretrain-seg, pretrain-cls and t
 fine-tuning. Training is the real ``deepsc.train`` stage code (without MLflow, so it also runs
 where mlflow is not installed, e.g. a bare GPU box). Every held-out scan is then run through the
 model (non-overlapping patches; Dice also with left-right mirroring averaged in) and the table
-gives mean Dice on the preprocessed grid over the scans with lesions, accuracy and macro AUC,
+gives mean Dice on the preprocessed grid over the scans with lesions (lesions cut to the lungs
+as the pipeline reports them, ``inference.lesion_margin_mm``), accuracy and macro AUC,
 next to the optimiser steps and wall time. Variants run as parallel processes (``--jobs``),
 e.g. several on one GPU. ``NAME@E`` scales every stage's epochs by E / (pretrain-seg epochs).
 
@@ -40,23 +41,32 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "noflip": {"train.flip_prob": 0.0},
     "reference_context": {"train.lesion_context": "reference"},
     "cls32": {"preprocess.cls_slices": 32},  # needs a cohort preprocessed with it (--preprocessed)
+    # the spread of one training run: the default settings with other seeds
+    "seed1": {"train.seed": 1},
+    "seed2": {"train.seed": 2},
+    "seed3": {"train.seed": 3},
 }
 
 
-def held_out_scores(model: Any, config: dict[str, Any], preprocessed: Path, split: Path, device: str) -> dict[str, float]:
-    """Dice (plain, mirror-averaged) over held-out scans with lesions; accuracy and AUC if classifying."""
+def held_out_scores(model: Any, config: dict[str, Any], preprocessed: Path, split: Path, device: str,
+                    margin_mm: float = 0.0) -> dict[str, float]:
+    """Dice (plain, mirror-averaged) over held-out scans with lesions; accuracy and AUC if classifying.
+
+    The lesion mask is the one the pipeline reports (:func:`deepsc.diagnose.lesion_mask_from_probability`:
+    inside the lungs grown by ``margin_mm``), on the preprocessed grid.
+    """
     import numpy as np
     import torch
 
     from deepsc import CLASSES
     from deepsc.data.preprocess import load_case
+    from deepsc.diagnose import lesion_mask_from_probability
     from deepsc.evaluate import test_cases
     from deepsc.inference import Predictor
     from deepsc.metrics import classification_metrics
 
     predictor = Predictor(model, config, device=device, mirror=False)
     mirroring = Predictor(model, config, device=device, mirror=True)
-    dice = lambda p, t: 2 * ((p >= 0.5) & t).sum() / max((p >= 0.5).sum() + t.sum(), 1)  # noqa: E731
     plain, mirrored, labels, probs = [], [], [], []
     with torch.no_grad():
         for case in test_cases(preprocessed, split):
@@ -70,8 +80,14 @@ def held_out_scores(model: Any, config: dict[str, Any], preprocessed: Path, spli
             if out.lesion_prob is None or case.label == "normal" or not case.has_mask:
                 continue
             truth = np.asarray(data.lesion) > 0
-            plain.append(dice(out.lesion_prob, truth))
-            mirrored.append(dice(mirroring.predict_case(image, cls, with_evidence=False).lesion_prob, truth))
+            lung, spacing = np.asarray(data.lung), data.meta["spacing_mm"]
+
+            def dice(prob: np.ndarray, truth: np.ndarray = truth) -> float:
+                pred = lesion_mask_from_probability(prob, lung, spacing, margin_mm) > 0
+                return 2 * (pred & truth).sum() / max(pred.sum() + truth.sum(), 1)
+
+            plain.append(dice(out.lesion_prob))
+            mirrored.append(dice(mirroring.predict_case(image, cls, with_evidence=False).lesion_prob))
     scores = {"dsc": float(np.mean(plain)) if plain else float("nan"),
               "dsc_mirror": float(np.mean(mirrored)) if mirrored else float("nan")}
     if probs:
@@ -87,6 +103,7 @@ def run_variant(name: str, overrides: dict[str, Any], scale: float | None, stage
 
     torch.set_num_threads(threads)  # on CUDA too: the jobs share the host's cores
     from deepsc.config import apply_overrides, load_params
+    from deepsc.inference import lesion_margin_setting
     from deepsc.train.engine import fit
     from deepsc.train.stages import CONFIG_FILE, STAGE_SECTION, prepare_stage
 
@@ -124,7 +141,8 @@ def run_variant(name: str, overrides: dict[str, Any], scale: float | None, stage
     row.setdefault("train_dice", float("nan"))
     dev = next(prepared.model.parameters()).device.type
     for number, (eval_preprocessed, eval_split) in enumerate(evaluate_on or [(preprocessed, split)]):
-        scores = held_out_scores(prepared.model, prepared.config, Path(eval_preprocessed), Path(eval_split), dev)
+        scores = held_out_scores(prepared.model, prepared.config, Path(eval_preprocessed), Path(eval_split), dev,
+                                 lesion_margin_setting(params))
         row.update({(f"{key}_{number}" if number else key): value for key, value in scores.items()})
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
 
