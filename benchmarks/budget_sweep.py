@@ -80,14 +80,10 @@ def held_out_scores(model: Any, config: dict[str, Any], preprocessed: Path, spli
             if out.lesion_prob is None or case.label == "normal" or not case.has_mask:
                 continue
             truth = np.asarray(data.lesion) > 0
-            lung, spacing = np.asarray(data.lung), data.meta["spacing_mm"]
-
-            def dice(prob: np.ndarray, truth: np.ndarray = truth) -> float:
-                pred = lesion_mask_from_probability(prob, lung, spacing, margin_mm) > 0
-                return 2 * (pred & truth).sum() / max(pred.sum() + truth.sum(), 1)
-
-            plain.append(dice(out.lesion_prob))
-            mirrored.append(dice(mirroring.predict_case(image, cls, with_evidence=False).lesion_prob))
+            for scores, prob in ((plain, out.lesion_prob),
+                                 (mirrored, mirroring.predict_case(image, cls, with_evidence=False).lesion_prob)):
+                pred = lesion_mask_from_probability(prob, np.asarray(data.lung), data.meta["spacing_mm"], margin_mm) > 0
+                scores.append(2 * (pred & truth).sum() / max(pred.sum() + truth.sum(), 1))
     scores = {"dsc": float(np.mean(plain)) if plain else float("nan"),
               "dsc_mirror": float(np.mean(mirrored)) if mirrored else float("nan")}
     if probs:

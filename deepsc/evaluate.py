@@ -10,11 +10,12 @@ Every test scan of the split runs through :class:`deepsc.inference.Predictor` at
   (:func:`deepsc.diagnose.lesion_mask_from_probability`: >= 0.5, inside the segmented lungs
   grown by ``inference.lesion_margin_mm``, specks dropped); it is compared with the original
   lesion mask of the manifest (``paths.manifest``; read with :func:`deepsc.data.io.read_mask`
-  against the scan geometry in meta.json) using the scan's real voxel spacing (:func:`deepsc.metrics.segmentation_metrics`:
-  DSC, sensitivity, specificity, NSD at ``evaluate.nsd_tolerance_mm``, RMSD in mm). When the
-  manifest or a mask is not available, every scan is measured on the preprocessed grid
-  (``lesion.npy``, the resampled spacing) instead; ``report.md`` and the return value say
-  which (``seg_geometry``: ``original`` | ``preprocessed``).
+  against the scan geometry in meta.json) using the scan's real voxel spacing
+  (:func:`deepsc.metrics.segmentation_metrics`: DSC, sensitivity, specificity, NSD at
+  ``evaluate.nsd_tolerance_mm``, RMSD in mm). When the manifest or a mask is not available,
+  every scan is measured on the preprocessed grid (``lesion.npy``, the resampled spacing)
+  instead; ``report.md`` and the return value say which (``seg_geometry``: ``original`` |
+  ``preprocessed``).
 * **classification**: the class probabilities (:func:`deepsc.metrics.classification_metrics`).
 * **faithfulness of the explanation** (correctly classified COVID-19 and CAP scans with a
   non-empty lesion mask; preprocessed grid, inside the lung mask): the evidence map

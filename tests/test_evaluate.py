@@ -128,15 +128,12 @@ class ShellPredictor(PerfectPredictor):
     """Calls lesion everything within 12 mm outside each scan's segmented lungs, nothing inside."""
 
     def predict_case(self, image, cls, with_evidence=True, case_id="scan"):
-        import json
-
-        from deepsc.data.preprocess import grow_mask
+        from deepsc.data.preprocess import grow_mask, load_case
         from deepsc.inference import CasePrediction
 
-        case_dir = self.preprocessed / "cases" / case_id
-        lung = np.load(case_dir / "lung.npy") > 0
-        spacing = json.loads((case_dir / "meta.json").read_text())["spacing_mm"]
-        shell = (grow_mask(lung, spacing, 12.0) & ~lung).astype(np.float32)
+        case = load_case(self.preprocessed / "cases" / case_id)
+        lung = np.asarray(case.lung) > 0
+        shell = (grow_mask(lung, case.meta["spacing_mm"], 12.0) & ~lung).astype(np.float32)
         return CasePrediction(shell, np.array([0.1, 0.1, 0.8], np.float32), None, 0.01, 0.01)
 
 
