@@ -51,6 +51,8 @@ def test_stage1_settings_key_follows_what_stage1_depends_on(params):
         assert same(stage, {"train.task": "seg"}) and same(stage, {"loss.ta_scales": "single"})
         assert not same(stage, {"model.inception": False})
     assert not same("pretrain-seg", {"loss.focal_gamma": 1.0}) and same("pretrain-cls", {"loss.focal_gamma": 1.0})
+    # w/o Seg pre-trains its own, image-only classifier; its segmentation path is DeepSC's
+    assert not same("pretrain-cls", {"train.task": "cls"}) and same("pretrain-seg", {"train.task": "cls"})
     assert not same("finetune", {"loss.lambda_ta": 0.0}) and not same("finetune", {"train.task": "cls"})
 
 

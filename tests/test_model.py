@@ -331,6 +331,17 @@ def test_baselines_follow_the_input_conventions(params):
     params["preprocess"]["patch_size"] = list(PATCH)
     unet = build_seg_baseline(params)
     assert unet(torch.rand(1, 1, *PATCH)).shape == (1, 1, *PATCH)
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    params["baselines"]["classifier_width"] = 1.0
+    published = count(build_cls_baseline(params))
+    params["baselines"]["classifier_width"] = 0.25
+    narrow = build_cls_baseline(params)
+    assert narrow(torch.rand(1, 1, *CLS)).shape == (1, 3) and count(narrow) < published / 10
+    for bad in (0, -1.0, True, "wide"):
+        params["baselines"]["classifier_width"] = bad
+        with pytest.raises(ConfigError, match="classifier_width"):
+            build_cls_baseline(params)
+    params["baselines"]["classifier_width"] = 0.25
     params["baselines"]["classifier"] = "densenet121"
     params["preprocess"].update(cls_slices=16, cls_size=[64, 64])
     with pytest.raises(ConfigError, match="resnet18"):

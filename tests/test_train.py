@@ -512,10 +512,7 @@ def test_cli_trains_a_stage(trained, tmp_path, capsys):
     assert code != 0 and "--cls-init" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind, metric", [
-    ("unet", "dice"),
-    pytest.param("classifier", "accuracy", marks=pytest.mark.slow),  # MONAI resnet18: 33 M parameters
-])
+@pytest.mark.parametrize("kind, metric", [("unet", "dice"), ("classifier", "accuracy")])
 def test_baselines_train_with_the_same_engine(trained, tmp_path, kind, metric):
     import torch
 
@@ -531,6 +528,22 @@ def test_baselines_train_with_the_same_engine(trained, tmp_path, kind, metric):
     assert config["kind"] == kind and config["architecture"] == ("unet" if kind == "unet" else "resnet18")
     shape = (1, 1, *PATCH) if kind == "unet" else (1, 1, *CLS_SHAPE)
     assert model(torch.zeros(shape)).shape == ((1, 1, *PATCH) if kind == "unet" else (1, 3))
+
+
+def test_baselines_get_the_epochs_of_the_deepsc_path_they_replace(params):
+    from deepsc.config import apply_overrides
+    from deepsc.train.baselines import baseline_epochs, engine_config
+
+    train = params["train"]
+    assert params["baselines"]["epochs"] is None
+    assert baseline_epochs("unet", params) == train["pretrain_seg"]["epochs"] + train["finetune"]["epochs"]
+    assert engine_config(params, "classifier").epochs == train["pretrain_cls"]["epochs"] + train["finetune"]["epochs"]
+    assert baseline_epochs("unet", apply_overrides(params, {"baselines.epochs": 7})) == 7
+    del params["train"]["pretrain_seg"]
+    with pytest.raises(ConfigError, match="pretrain_seg"):
+        baseline_epochs("unet", params)
+    with pytest.raises(ConfigError, match="baseline must be"):
+        baseline_epochs("svm", params)
 
 
 def test_mirror_left_right_flips_inputs_and_box_together():
@@ -568,4 +581,29 @@ def test_only_models_that_segment_learn_from_whole_scan_lesion_maps():
     assert stage_plan("finetune", {"train": {"task": "joint"}}).teacher_forcing
     assert stage_plan("pretrain-cls", {}).teacher_forcing  # fine-tuned jointly afterwards
     assert not stage_plan("finetune", {"train": {"task": "cls"}}).teacher_forcing  # w/o Seg: no map at inference
+    assert not stage_plan("pretrain-cls", {"train": {"task": "cls"}}).teacher_forcing  # nor in stage 1
     assert not stage_plan("pretrain-seg", {}).teacher_forcing
+
+
+def test_single_task_classifier_is_pretrained_without_lesion_masks(trained):
+    """w/o Seg (train.task: cls) is an image-only classifier in both stages: its stage-1 logits
+    do not move when the reference lesion map changes; DeepSC's stage-1 classifier's do."""
+    import torch
+
+    from torch.utils.data import default_collate
+
+    from deepsc.config import apply_overrides
+    from deepsc.train.stages import prepare_stage
+
+    image_only = prepare_stage("pretrain-cls", trained["pre"], trained["split"],
+                               apply_overrides(trained["params"], {"train.task": "cls"}))
+    joint = prepare_stage("pretrain-cls", trained["pre"], trained["split"], trained["params"])
+    assert image_only.plan.image_only and image_only.config["image_only"] and not joint.plan.image_only
+    batch = default_collate([joint.dataset[i] for i in range(2)])
+    masked = dict(batch, lesion_cls=torch.ones_like(batch["lesion_cls"]), context_known=torch.ones(2, dtype=torch.bool))
+    emptied = dict(masked, lesion_cls=torch.zeros_like(batch["lesion_cls"]))
+    model = joint.model.eval()
+    with torch.no_grad():
+        logits = lambda stage, b: stage.adapter.forward(model, b)["cls_logit"]  # noqa: E731
+        assert torch.equal(logits(image_only, masked), logits(image_only, emptied))
+        assert not torch.allclose(logits(joint, masked), logits(joint, emptied))

@@ -59,6 +59,10 @@ def build_seg_baseline(params: Mapping[str, Any]) -> nn.Module:
 def build_cls_baseline(params: Mapping[str, Any]) -> nn.Module:
     """MONAI 3D DenseNet121 or ResNet-18 (``baselines.classifier``), 1 channel in, 3 logits out.
 
+    ``baselines.classifier_width`` scales every layer's channels (MONAI's ``widen_factor``;
+    DenseNet's initial features and growth rate): 1 is the published network, 0.25 gives
+    ResNet-18 units of 16..128 channels, the size of DeepSC's classification subnet, so a
+    comparison at the default profile's budget is about the architecture, not its capacity.
     DenseNet121 down-samples by 32, so every dimension of the classification input
     (``cls_slices``, ``cls_size``) must be at least 32; use ``resnet18`` for smaller inputs.
     """
@@ -67,8 +71,11 @@ def build_cls_baseline(params: Mapping[str, Any]) -> nn.Module:
     name = _section(params, "baselines").get("classifier")
     if name not in CLASSIFIERS:
         raise ConfigError(f"baselines.classifier must be one of {CLASSIFIERS}, got {name!r}")
+    width = _section(params, "baselines").get("classifier_width", 1.0)
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 4:
+        raise ConfigError(f"baselines.classifier_width must be a number in (0, 4], got {width!r}")
     if name == "resnet18":
-        return resnet18(spatial_dims=3, n_input_channels=1, num_classes=NUM_CLASSES)
+        return resnet18(spatial_dims=3, n_input_channels=1, num_classes=NUM_CLASSES, widen_factor=float(width))
     prep = _section(params, "preprocess")
     shape = (prep.get("cls_slices"), *(prep.get("cls_size") or ()))
     if any(isinstance(v, int) and v < DENSENET_MIN_SIZE for v in shape):
@@ -76,7 +83,8 @@ def build_cls_baseline(params: Mapping[str, Any]) -> nn.Module:
             f"densenet121 needs a classification input of at least {DENSENET_MIN_SIZE} voxels per axis, "
             f"got (cls_slices, cls_size) = {shape}; set baselines.classifier: resnet18 or enlarge the input"
         )
-    return DenseNet121(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES)
+    return DenseNet121(spatial_dims=3, in_channels=1, out_channels=NUM_CLASSES,
+                       init_features=max(1, round(64 * width)), growth_rate=max(1, round(32 * width)))
 
 
 def count_parameters(model: torch.nn.Module) -> int:

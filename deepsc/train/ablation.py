@@ -4,7 +4,8 @@ Each variant in ``params["ablation"]["variants"]`` is a set of dotted overrides 
 (e.g. ``{"loss.lambda_ta": 0.0}``). Every variant is fine-tuned from the SAME stage-1
 checkpoints (``--seg-init`` / ``--cls-init``) so that only the ablated setting differs.
 A variant that changes what stage 1 depends on (``model.inception: false`` changes both
-inception blocks) gets its own stage-1 models, pre-trained once and cached under
+inception blocks; ``train.task: cls``, the ``w/o Seg`` model, pre-trains its classifier without
+the reference lesion masks) gets its own stage-1 models, pre-trained once and cached under
 ``<out>/_pretrain/<stage>-<settings hash>/`` (:data:`deepsc.train.stages.STAGE_SETTINGS` lists
 the settings in the hash). Fine-tuning epochs are scaled by ``ablation.epochs_scale``.
 
@@ -26,7 +27,7 @@ variant is also one DVC experiment of the ``finetune`` stage, e.g.::
     dvc exp run --queue -n no_cross_stitch -S model.cross_stitch=false
     dvc exp run --queue -n no_inception -S model.inception=false      # re-runs stage 1 too
     dvc exp run --queue -n seg_only -S train.task=seg
-    dvc exp run --queue -n cls_only -S train.task=cls
+    dvc exp run --queue -n cls_only -S train.task=cls               # re-runs pretrain-cls, image-only
     dvc exp run --run-all && dvc exp show
 
 :func:`dvc_queue_commands` prints these lines from params.yaml.

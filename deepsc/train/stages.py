@@ -56,23 +56,27 @@ class StagePlan:
 
     The loss follows the task: ``total_loss`` computes the terms of the paths that ran (seg:
     Dice + focal; cls: weighted CE; joint: eq. 11 with the task-aware term).
+    ``image_only``: the classifier is trained for the single-task ``w/o Seg`` model
+    (``train.task: cls``) and never gets a lesion map, in either stage.
     """
 
     stage: str
     task: str  # joint | seg | cls
     trains: str  # seg | cls | all
+    image_only: bool = False
 
     @property
     def teacher_forcing(self) -> bool:
         """Whether the classifier's lesion map is completed outside the patch in training (from
         the stage-1 segmentation of the whole scan, or the reference mask: ``train.lesion_context``;
-        stage-1 cls pre-training always uses the mask, as no segmentation exists yet).
+        stage-1 cls pre-training uses the mask, as no segmentation exists yet).
 
-        Yes for models that segment at inference (joint) and for stage-1 cls pre-training (whose
-        classifier is fine-tuned jointly later); no for the single-task classifier (``w/o Seg``),
-        which never gets a lesion map at inference and must not learn to rely on one.
+        Yes for models that segment at inference (joint) and for the stage-1 cls pre-training of
+        a model that will (its classifier is fine-tuned jointly later); no for the single-task
+        classifier (``w/o Seg``), which never gets a lesion map at inference: pre-trained on
+        reference masks, it would learn to rely on a channel that is empty at test time.
         """
-        return self.task == "joint" or self.stage == "pretrain-cls"
+        return not self.image_only and (self.task == "joint" or self.stage == "pretrain-cls")
 
     @property
     def name(self) -> str:
@@ -80,17 +84,18 @@ class StagePlan:
 
 
 def stage_plan(stage: str, params: Mapping[str, Any]) -> StagePlan:
-    """The plan of ``stage`` under ``params`` (``train.task`` picks single-task fine-tuning)."""
+    """The plan of ``stage`` under ``params`` (``train.task`` picks single-task fine-tuning;
+    ``cls`` also makes the stage-1 classifier image-only)."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
-    if stage == "pretrain-seg":
-        return StagePlan(stage, "seg", "seg")
-    if stage == "pretrain-cls":
-        return StagePlan(stage, "cls", "cls")
     task = str(params.get("train", {}).get("task", "joint"))
     if task not in TASKS:
         raise ConfigError(f"train.task must be one of {', '.join(TASKS)}, got {task!r}")
-    return StagePlan(stage, task, "all" if task == "joint" else task)
+    if stage == "pretrain-seg":
+        return StagePlan(stage, "seg", "seg")
+    if stage == "pretrain-cls":
+        return StagePlan(stage, "cls", "cls", image_only=task == "cls")
+    return StagePlan(stage, task, "all" if task == "joint" else task, image_only=task == "cls")
 
 
 def settings_key(stage: str, params: Mapping[str, Any]) -> str:
@@ -98,8 +103,11 @@ def settings_key(stage: str, params: Mapping[str, Any]) -> str:
     if stage not in STAGE_SETTINGS:
         raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
     chosen = {key: _dotted(params, key) for key in STAGE_SETTINGS[stage]}
+    plan = stage_plan(stage, params)
     if stage == "finetune":
-        chosen["train.task"] = stage_plan(stage, params).task  # absent key = joint
+        chosen["train.task"] = plan.task  # absent key = joint
+    elif plan.image_only:  # only then, so the hash of every other pretrain-cls model is unchanged
+        chosen["image_only"] = True
     return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -233,6 +241,7 @@ def prepare_stage(
         "kind": "deepsc",
         "stage": stage,
         "task": plan.task,
+        "image_only": plan.image_only,
         "classes": list(CLASSES),
         "model": model_config.to_dict(),
         "params": {k: params[k] for k in ("model", "loss", "preprocess", "train") if k in params},
