@@ -12,6 +12,7 @@ e.g. several on one GPU. ``NAME@E`` scales every stage's epochs by E / (pretrain
 
     python benchmarks/budget_sweep.py --variants base paper_seg_loss --stages seg
     python benchmarks/budget_sweep.py --device cuda --jobs 8 --variants base focal10 base@120
+    python benchmarks/budget_sweep.py --variants base lr2x --seeds 1 2 3 --jobs 2   # judged over seeds
 
 This is a measurement, not a test: the README's training notes quote its tables.
 """
@@ -36,6 +37,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "paper_seg_loss": {"loss.lambda_deep": 0.0},  # L_seg on S_hat only (no deep supervision)
     "focal10": {"loss.lambda_focal": 10.0},
     "lr2x": {"train.pretrain_seg.lr": 2.0e-3},
+    "lr3x": {"train.pretrain_seg.lr": 3.0e-3},
+    "lesion_patches": {"train.lesion_patch_prob": 1.0},
     "batch4": {"train.pretrain_seg.batch_size": 4},
     "wide": {"model.seg_widths": [24, 48, 96, 192]},
     "noflip": {"train.flip_prob": 0.0},
@@ -156,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job on CPU")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="run every variant once per train.seed (labels NAME_sSEED): the spread a setting has to beat")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--stage1", nargs=2, metavar=("SEG_DIR", "CLS_DIR"), default=None,
                         help="with --stages all: fine-tune only, from these trained stage-1 folders")
@@ -176,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         name, _, epochs = spec.partition("@")
         if name not in VARIANTS:
             parser.error(f"unknown variant {name!r} (known: {', '.join(VARIANTS)})")
-        jobs.append((spec.replace("@", "_e"), VARIANTS[name], int(epochs) / seg_epochs if epochs else None))
+        scale = int(epochs) / seg_epochs if epochs else None
+        for seed in args.seeds or [None]:
+            label, overrides = spec.replace("@", "_e"), dict(VARIANTS[name])
+            if seed is not None:
+                label, overrides = f"{label}_s{seed}", {**overrides, "train.seed": seed}
+            jobs.append((label, overrides, scale))
     # spawn: a forked child must not inherit a CUDA context
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_variant, label, overrides, scale, args.stages, args.preprocessed, args.split,
@@ -192,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows.append(row)
             print(json.dumps(row), flush=True)
-    rows.sort(key=lambda r: [spec.replace("@", "_e") for spec in args.variants].index(r["variant"]))
+    rows.sort(key=lambda r: [label for label, _, _ in jobs].index(r["variant"]))
     extra = sorted({k for r in rows for k in r if k.rsplit("_", 1)[-1].isdigit() and not k.startswith("epochs")})
     print(f"\n{'variant':<18}{'seg ep':>7}{'steps':>7}{'train s':>9}{'train dice':>11}{'test DSC':>9}{'+mirror':>9}"
           f"{'acc':>7}{'AUC':>7}" + "".join(f"{k:>14}" for k in extra))

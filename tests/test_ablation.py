@@ -103,6 +103,30 @@ def test_grid_shares_stage1_models_and_nests_runs(tmp_path):
     assert list(again["run_id"]) == list(summary["run_id"])  # finished variants are not trained again
 
 
+def test_grid_trains_a_variant_again_when_its_stage1_weights_or_code_change(tmp_path, monkeypatch):
+    """The grid folder persists between `dvc repro` runs: a finished variant is re-used only
+    while the stage-1 weights it started from and the training code are the same."""
+    import torch
+    from test_train import tiny_params, write_tiny_cohort
+
+    from deepsc.train import stages
+    from deepsc.train.ablation import run_ablation_grid
+
+    pre, split = write_tiny_cohort(tmp_path)
+    params = tiny_params(tmp_path)
+    init = {task: stages.train_stage(f"pretrain-{task}", pre, split, tmp_path / task, params, progress=False) for task in ("seg", "cls")}
+    run_id = lambda: run_ablation_grid(pre, split, tmp_path / "ablation", params, ["lambda_ta_0"], init,  # noqa: E731
+                                       progress=False)["run_id"].iloc[0]
+    first = run_id()
+    assert run_id() == first
+    weights = init["seg"] / "model.pt"  # stage 1 re-trained (e.g. after a fix): same settings, new weights
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in torch.load(weights, weights_only=True).items()}, weights)
+    second = run_id()
+    assert second != first
+    monkeypatch.setattr(stages, "code_key", lambda: "edited")
+    assert run_id() != second
+
+
 def test_speed_only_settings_do_not_invalidate_cached_models(params):
     from deepsc.config import apply_overrides
     from deepsc.train.stages import STAGES, settings_key

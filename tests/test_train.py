@@ -459,6 +459,32 @@ def test_variants_sharing_a_stage1_segmentation_reuse_its_lesion_maps(trained, m
     assert len(calls) == 2
 
 
+def test_a_stage_rerun_after_a_code_change_trains_anew(trained, tmp_path, monkeypatch, caplog):
+    """dvc re-runs a stage whose sources changed, in a persisted folder that still holds the
+    finished checkpoint: it must train with the new code, not resume the old model."""
+    import shutil
+
+    from deepsc.train import stages
+
+    folder = tmp_path / "seg"
+    shutil.copytree(trained["seg"], folder)
+    with caplog.at_level("INFO"):
+        stages.train_stage("pretrain-seg", trained["pre"], trained["split"], folder, trained["params"], progress=False)
+    assert "resuming" in caplog.text and "starts over" not in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(stages, "code_key", lambda: "edited")
+    with caplog.at_level("WARNING"):
+        stages.train_stage("pretrain-seg", trained["pre"], trained["split"], folder, trained["params"], progress=False)
+    assert "code_key" in caplog.text and "starts over" in caplog.text
+    assert json.loads((folder / "config.json").read_text())["code_key"] == "edited"
+
+
+def test_code_key_covers_the_training_sources():
+    from deepsc.train.stages import code_key
+
+    assert len(code_key()) == 64 and code_key() == code_key()
+
+
 def test_single_task_finetune_keeps_the_other_path(trained, tmp_path):
     import torch
 

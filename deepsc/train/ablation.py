@@ -12,8 +12,8 @@ the settings in the hash). Fine-tuning epochs are scaled by ``ablation.epochs_sc
 All runs are nested MLflow runs under ONE parent run named ``ablation``; each variant writes
 ``<out>/<variant>/{model.pt, config.json, history.csv, last.pt, run.json}``, and the grid writes
 ``<out>/summary.csv`` (one row per variant: overrides, run id, final training metrics).
-A variant whose folder already holds a finished model with the same settings is not trained
-again, so an interrupted grid resumes where it stopped.
+A variant whose folder already holds a finished model with the same settings, data, code and
+stage-1 weights is not trained again, so an interrupted grid resumes where it stopped.
 
 The same grid with DVC experiments
 ----------------------------------
@@ -134,7 +134,7 @@ def _run_variant(name, overrides, preprocessed, split, out_dir, params, init_fro
     vparams = variant_params(params, overrides)
     inits = {task: _stage1_model(task, vparams, preprocessed, split, out_dir, init_from, parent_id, progress) for task in ("seg", "cls")}
     folder = out_dir / name
-    if not _finished(folder, "finetune", vparams, preprocessed, split):
+    if not _finished(folder, "finetune", vparams, preprocessed, split, inits):
         train_stage("finetune", preprocessed, split, folder, vparams, inits, parent_run_id=parent_id, progress=progress)
     else:
         log.info("ablation %s: already trained in %s", name, folder)
@@ -167,16 +167,19 @@ def _stage1_model(task, vparams, preprocessed, split, out_dir, init_from, parent
     return cache
 
 
-def _finished(folder: Path, stage: str, params: Mapping[str, Any], preprocessed: Path, split: Path) -> bool:
-    """True when ``folder`` holds a finished ``stage`` model trained with these settings and data."""
-    from deepsc.train.stages import CONFIG_FILE, RUN_FILE, data_key, settings_key
+def _finished(folder: Path, stage: str, params: Mapping[str, Any], preprocessed: Path, split: Path,
+              inits: Mapping[str, Path] | None = None) -> bool:
+    """True when ``folder`` holds a finished ``stage`` model trained with these settings, data,
+    code and (fine-tuning) stage-1 weights ``inits``: a re-run after any of them changed trains again."""
+    from deepsc.train.stages import CONFIG_FILE, RUN_FILE, code_key, data_key, run_identity, settings_key, weights_sha256
 
     config_path = Path(folder) / CONFIG_FILE
     if not (config_path.is_file() and (Path(folder) / "model.pt").is_file() and (Path(folder) / RUN_FILE).is_file()):
         return False
     config = json.loads(config_path.read_text())
-    return (config.get("stage") == stage and config.get("settings_key") == settings_key(stage, params)
-            and config.get("data_key") == data_key(Path(preprocessed), Path(split)))
+    wanted = {"settings_key": settings_key(stage, params), "data_key": data_key(Path(preprocessed), Path(split)),
+              "code_key": code_key(), "init_sha256": weights_sha256(inits or {})}
+    return config.get("stage") == stage and run_identity(config) == run_identity(wanted)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -126,7 +126,7 @@ def train_baseline(
     from deepsc.model.losses import LossConfig
     from deepsc.train.dataset import ScanDataset, class_counts, read_cohort
     from deepsc.train.engine import seed_everything
-    from deepsc.train.stages import check_patch_size, data_key, run_tracked
+    from deepsc.train.stages import check_patch_size, code_key, data_key, run_tracked
 
     if kind not in KINDS:
         raise ConfigError(f"baseline must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -150,6 +150,7 @@ def train_baseline(
         "classes": list(CLASSES),
         "params": {k: params[k] for k in ("baselines", "preprocess", "loss", "train") if k in params},
         "data_key": data_key(Path(preprocessed), Path(split)),
+        "code_key": code_key(),
         "class_counts": counts,
         "engine": {"epochs": engine.epochs, "lr": engine.lr, "batch_size": engine.batch_size, "seed": engine.seed},
     }

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -109,6 +110,33 @@ def settings_key(stage: str, params: Mapping[str, Any]) -> str:
     elif plan.image_only:  # only then, so the hash of every other pretrain-cls model is unchanged
         chosen["image_only"] = True
     return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# The sources a trained model depends on besides its settings and data. dvc re-runs a training
+# stage when they change, and its `persist: true` folder still holds the finished checkpoint of
+# the old code: without this key the stage would "resume" it and train nothing.
+CODE_SOURCES = ("model", "train", "data", "inference.py")
+
+
+@functools.lru_cache(maxsize=1)
+def code_key() -> str:
+    """SHA-256 of the package sources in :data:`CODE_SOURCES` (paths and bytes)."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(path for name in CODE_SOURCES
+                   for path in ((root / name).rglob("*.py") if (root / name).is_dir() else [root / name]))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def weights_sha256(folders: Mapping[str, Path]) -> dict[str, str]:
+    """``{name: sha256 of folder/model.pt}`` ("missing" where there is none)."""
+    found = {}
+    for name, folder in sorted(folders.items()):
+        weights = Path(folder) / "model.pt"
+        found[name] = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else "missing"
+    return found
 
 
 def data_key(preprocessed: Path, split: Path) -> str:
@@ -247,8 +275,10 @@ def prepare_stage(
         "params": {k: params[k] for k in ("model", "loss", "preprocess", "train") if k in params},
         "settings_key": settings_key(stage, params),
         "data_key": data_key(Path(preprocessed), Path(split)),
+        "code_key": code_key(),
         "class_counts": counts,
         "init_from": {k: str(v) for k, v in inits.items()},
+        "init_sha256": weights_sha256(inits),
         "engine": _jsonable(engine),
     }
     return PreparedStage(plan, model, dataset, adapter, engine, config)
@@ -344,12 +374,11 @@ def run_tracked(model, dataset, adapter, engine_config, out_dir: Path, params: M
 
 
 def run_identity(config: Mapping[str, Any]) -> dict[str, str]:
-    """What makes two trainings the same run (a ``last.pt`` is resumed only when it matches):
-    the settings and data hashes and the sha256 of every initial weight file."""
-    identity = {key: str(config[key]) for key in ("settings_key", "data_key") if key in config}
-    for name, folder in sorted((config.get("init_from") or {}).items()):
-        weights = Path(folder) / "model.pt"
-        identity[f"init_{name}"] = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else "missing"
+    """What makes two trainings the same run (a ``last.pt`` is resumed, a finished ablation
+    variant re-used, only when it matches): the settings, data and code hashes and the sha256
+    of every initial weight file, as recorded when the training started."""
+    identity = {key: str(config[key]) for key in ("settings_key", "data_key", "code_key") if key in config}
+    identity.update({f"init_{name}": digest for name, digest in sorted((config.get("init_sha256") or {}).items())})
     return identity
 
 
