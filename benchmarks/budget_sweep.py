@@ -36,6 +36,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},  # params.yaml as it is
     "paper_seg_loss": {"loss.lambda_deep": 0.0},  # L_seg on S_hat only (no deep supervision)
     "focal10": {"loss.lambda_focal": 10.0},
+    "bce": {"loss.focal_gamma": 0.0},  # focal without the focusing term: alpha-weighted cross-entropy (nnU-Net's Dice + CE)
     "lr2x": {"train.pretrain_seg.lr": 2.0e-3},
     "lr3x": {"train.pretrain_seg.lr": 3.0e-3},
     "lesion_patches": {"train.lesion_patch_prob": 1.0},
