@@ -479,10 +479,18 @@ def test_a_stage_rerun_after_a_code_change_trains_anew(trained, tmp_path, monkey
     assert json.loads((folder / "config.json").read_text())["code_key"] == "edited"
 
 
-def test_code_key_covers_the_training_sources():
+@pytest.mark.parametrize("source", ["model/network.py", "train/engine.py", "data/patches.py", "inference.py"])
+def test_code_key_covers_the_training_sources(source, monkeypatch):
+    """An edit to any file the training depends on gives another code key."""
+    import pathlib
+
     from deepsc.train.stages import code_key
 
-    assert len(code_key()) == 64 and code_key() == code_key()
+    before = code_key.__wrapped__()
+    real = pathlib.Path.read_bytes
+    edited = lambda self: real(self) + (b"# edited" if self.as_posix().endswith("deepsc/" + source) else b"")  # noqa: E731
+    monkeypatch.setattr(pathlib.Path, "read_bytes", edited)
+    assert code_key.__wrapped__() != before
 
 
 def test_single_task_finetune_keeps_the_other_path(trained, tmp_path):
