@@ -123,7 +123,7 @@ def test_grid_trains_a_variant_again_when_its_stage1_weights_or_code_change(tmp_
     torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in torch.load(weights, weights_only=True).items()}, weights)
     second = run_id()
     assert second != first
-    monkeypatch.setattr(stages, "code_key", lambda: "edited")
+    monkeypatch.setattr(stages, "code_key", lambda stage: "edited")
     assert run_id() != second
 
 

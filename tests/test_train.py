@@ -472,25 +472,68 @@ def test_a_stage_rerun_after_a_code_change_trains_anew(trained, tmp_path, monkey
         stages.train_stage("pretrain-seg", trained["pre"], trained["split"], folder, trained["params"], progress=False)
     assert "resuming" in caplog.text and "starts over" not in caplog.text
     caplog.clear()
-    monkeypatch.setattr(stages, "code_key", lambda: "edited")
+    monkeypatch.setattr(stages, "code_key", lambda stage: "edited")
     with caplog.at_level("WARNING"):
         stages.train_stage("pretrain-seg", trained["pre"], trained["split"], folder, trained["params"], progress=False)
     assert "code_key" in caplog.text and "starts over" in caplog.text
     assert json.loads((folder / "config.json").read_text())["code_key"] == "edited"
 
 
-@pytest.mark.parametrize("source", ["model/network.py", "train/engine.py", "data/patches.py", "inference.py"])
-def test_code_key_covers_the_training_sources(source, monkeypatch):
-    """An edit to any file the training depends on gives another code key."""
+@pytest.mark.parametrize("stage, source", [("pretrain-seg", "model/network.py"), ("pretrain-cls", "train/engine.py"),
+                                           ("baseline-unet", "data/patches.py"), ("finetune", "data/preprocess.py"),
+                                           ("finetune", "inference.py")])
+def test_code_key_covers_the_training_sources(stage, source, monkeypatch):
+    """An edit to any file the stage trains with gives another code key; others leave it."""
     import pathlib
 
     from deepsc.train.stages import code_key
 
-    before = code_key.__wrapped__()
+    before = code_key.__wrapped__(stage)
     real = pathlib.Path.read_bytes
-    edited = lambda self: real(self) + (b"# edited" if self.as_posix().endswith("deepsc/" + source) else b"")  # noqa: E731
-    monkeypatch.setattr(pathlib.Path, "read_bytes", edited)
-    assert code_key.__wrapped__() != before
+
+    def edit(path):
+        monkeypatch.setattr(pathlib.Path, "read_bytes",
+                            lambda self: real(self) + (b"# edited" if self.as_posix().endswith("deepsc/" + path) else b""))
+
+    edit("evaluate.py")
+    assert code_key.__wrapped__(stage) == before
+    if stage != "finetune":
+        edit("inference.py")  # stage 1 and the baselines never segment whole scans
+        assert code_key.__wrapped__(stage) == before
+    edit(source)
+    assert code_key.__wrapped__(stage) != before
+
+
+# dvc.yaml training stage -> the stages it trains (the ablation grid pre-trains and fine-tunes)
+DVC_TRAINING_STAGES = {"pretrain_seg": ["pretrain-seg"], "pretrain_cls": ["pretrain-cls"], "finetune": ["finetune"],
+                       "ablation": ["pretrain-seg", "pretrain-cls", "finetune"], "baselines": ["baseline-unet", "baseline-classifier"]}
+
+
+@pytest.mark.parametrize("dvc_stage", sorted(DVC_TRAINING_STAGES))
+def test_dvc_training_stages_declare_the_code_and_settings_their_models_depend_on(dvc_stage):
+    """What dvc watches is what the resume/skip identity hashes: a change dvc misses leaves a
+    model that does not match the code or params.yaml, and dvc would call it up to date."""
+    import yaml
+
+    from deepsc.train.baselines import BASELINE_SETTINGS
+    from deepsc.train.stages import STAGE_SECTION, STAGE_SETTINGS, code_sources
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"][dvc_stage]
+    deps, declared = set(spec["deps"]), [str(p) for p in spec["params"]]
+    assert "outputs/preprocessed" in deps and "outputs/split.csv" in deps
+    for stage in DVC_TRAINING_STAGES[dvc_stage]:
+        assert {f"deepsc/{source}" for source in code_sources(stage)} <= deps, stage
+        if stage.startswith("baseline-"):
+            engine = ("baselines.epochs", "baselines.lr", "baselines.batch_size", "train.pretrain_seg", "train.pretrain_cls",
+                      "train.finetune")
+            settings = (*BASELINE_SETTINGS[stage.split("-", 1)[1]], *engine)
+        else:
+            settings = (*STAGE_SETTINGS[stage], f"train.{STAGE_SECTION[stage]}")
+            settings += ("train.task",) if stage == "pretrain-cls" else ()  # image-only w/o Seg
+        # preprocess settings reach a stage through its outputs/preprocessed dep
+        wanted = [key for key in (*settings, "train.seed", "train.amp") if not key.startswith("preprocess")]
+        missing = [key for key in wanted if not any(key == p or key.startswith(p + ".") for p in declared)]
+        assert not missing, f"{dvc_stage} ({stage}) does not declare {missing}"
 
 
 def test_single_task_finetune_keeps_the_other_path(trained, tmp_path):
@@ -562,6 +605,31 @@ def test_baselines_train_with_the_same_engine(trained, tmp_path, kind, metric):
     assert config["kind"] == kind and config["architecture"] == ("unet" if kind == "unet" else "resnet18")
     shape = (1, 1, *PATCH) if kind == "unet" else (1, 1, *CLS_SHAPE)
     assert model(torch.zeros(shape)).shape == ((1, 1, *PATCH) if kind == "unet" else (1, 3))
+
+
+def test_a_baseline_rerun_with_another_architecture_trains_anew(trained, tmp_path, caplog):
+    """dvc re-runs the baselines after ``baselines.unet_channels`` changes, in the persisted
+    folder of the old network: the old checkpoint is set aside, not loaded into the new shapes."""
+    import torch
+
+    from deepsc.config import apply_overrides
+    from deepsc.train.baselines import baseline_settings_key, train_baseline
+
+    params = apply_overrides(trained["params"], {"baselines.epochs": 1, "baselines.unet_channels": [4, 8, 16]})
+    folder = train_baseline("unet", trained["pre"], trained["split"], tmp_path / "unet", params, progress=False)
+    wider = apply_overrides(params, {"baselines.unet_channels": [8, 16, 32]})
+    assert baseline_settings_key("unet", wider) != baseline_settings_key("unet", params)
+    assert baseline_settings_key("classifier", wider) == baseline_settings_key("classifier", params)
+    with caplog.at_level("WARNING"):
+        train_baseline("unet", trained["pre"], trained["split"], folder, wider, progress=False)
+    assert "settings_key" in caplog.text and "starts over" in caplog.text
+    first_conv = [v for k, v in torch.load(folder / "model.pt", weights_only=True).items() if v.ndim == 5][0]
+    assert first_conv.shape[0] == 8
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the loss it trains with counts as well
+        train_baseline("unet", trained["pre"], trained["split"], folder, apply_overrides(wider, {"loss.focal_gamma": 0.0}),
+                       progress=False)
+    assert "starts over" in caplog.text
 
 
 def test_baselines_get_the_epochs_of_the_deepsc_path_they_replace(params):

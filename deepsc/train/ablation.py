@@ -178,7 +178,7 @@ def _finished(folder: Path, stage: str, params: Mapping[str, Any], preprocessed:
         return False
     config = json.loads(config_path.read_text())
     wanted = {"settings_key": settings_key(stage, params), "data_key": data_key(Path(preprocessed), Path(split)),
-              "code_key": code_key(), "init_sha256": weights_sha256(inits or {})}
+              "code_key": code_key(stage), "init_sha256": weights_sha256(inits or {})}
     return config.get("stage") == stage and run_identity(config) == run_identity(wanted)
 
 

@@ -72,6 +72,26 @@ class BaselineAdapter:
         return {"accuracy": float((outputs["cls_logit"].argmax(1) == batch["label"]).float().mean())}
 
 
+# What a baseline's weights depend on besides the engine settings (epochs, lr, batch, seed, amp),
+# the data and the code: a persisted folder trained with other values is not resumed
+# (dvc re-runs the stage after `baselines.unet_channels` changes; resuming the old checkpoint
+# into the new architecture would fail on the shapes).
+BASELINE_SETTINGS = {
+    "unet": ("baselines.unet_channels", "loss.lambda_dice", "loss.lambda_focal", "loss.focal_gamma", "loss.focal_alpha",
+             "train.lesion_patch_prob", "train.flip_prob"),
+    "classifier": ("baselines.classifier", "baselines.classifier_width", "train.lesion_patch_prob", "train.flip_prob"),
+}
+
+
+def baseline_settings_key(kind: str, params: Mapping[str, Any]) -> str:
+    """SHA-256 of the settings in :data:`BASELINE_SETTINGS` for ``kind``."""
+    from deepsc.train.stages import hash_settings
+
+    if kind not in KINDS:
+        raise ConfigError(f"baseline must be one of {', '.join(KINDS)}, got {kind!r}")
+    return hash_settings(BASELINE_SETTINGS[kind], params)
+
+
 # the DeepSC stages whose epochs a baseline gets when ``baselines.epochs`` is null
 MATCHED_STAGES = {"unet": ("pretrain_seg", "finetune"), "classifier": ("pretrain_cls", "finetune")}
 
@@ -81,7 +101,7 @@ def baseline_epochs(kind: str, params: Mapping[str, Any]) -> int:
     stands in for: stage 1 plus joint fine-tuning (UNet: 30 + 20 = 50 in the default profile).
 
     Matching the budget is what makes Table II a comparison of architectures: at 12 epochs
-    the UNet reached 22.6 DSC on the held-out scans, at its matched 50 epochs 51.7.
+    the UNet reached 22.6 DSC on the held-out scans, at its matched 50 epochs 52.8.
     """
     if kind not in KINDS:
         raise ConfigError(f"baseline must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -149,8 +169,9 @@ def train_baseline(
         "task": "seg" if kind == "unet" else "cls",
         "classes": list(CLASSES),
         "params": {k: params[k] for k in ("baselines", "preprocess", "loss", "train") if k in params},
+        "settings_key": baseline_settings_key(kind, params),
         "data_key": data_key(Path(preprocessed), Path(split)),
-        "code_key": code_key(),
+        "code_key": code_key(stage),
         "class_counts": counts,
         "engine": {"epochs": engine.epochs, "lr": engine.lr, "batch_size": engine.batch_size, "seed": engine.seed},
     }

@@ -28,7 +28,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from deepsc import CLASSES
 from deepsc.errors import ConfigError, InputError
@@ -103,26 +103,41 @@ def settings_key(stage: str, params: Mapping[str, Any]) -> str:
     """SHA-256 of the settings ``stage``'s weights depend on (see ``STAGE_SETTINGS``)."""
     if stage not in STAGE_SETTINGS:
         raise ConfigError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
-    chosen = {key: _dotted(params, key) for key in STAGE_SETTINGS[stage]}
+    extra = {}
     plan = stage_plan(stage, params)
     if stage == "finetune":
-        chosen["train.task"] = plan.task  # absent key = joint
+        extra["train.task"] = plan.task  # absent key = joint
     elif plan.image_only:  # only then, so the hash of every other pretrain-cls model is unchanged
-        chosen["image_only"] = True
+        extra["image_only"] = True
+    return hash_settings(STAGE_SETTINGS[stage], params, extra)
+
+
+def hash_settings(keys: Sequence[str], params: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
+    """SHA-256 of the dotted ``keys`` of ``params`` (absent ones as null) and ``extra``."""
+    chosen = {key: _dotted(params, key) for key in keys}
+    chosen.update(extra or {})
     return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()
 
 
-# The sources a trained model depends on besides its settings and data. dvc re-runs a training
-# stage when they change, and its `persist: true` folder still holds the finished checkpoint of
-# the old code: without this key the stage would "resume" it and train nothing.
-CODE_SOURCES = ("model", "train", "data", "inference.py")
+# The sources (paths under deepsc/) a trained model depends on besides its settings and data.
+# dvc re-runs a training stage when they change, and its `persist: true` folder still holds the
+# finished checkpoint of the old code: without this key the stage would "resume" it and train
+# nothing. Each training stage of dvc.yaml lists its sources as deps (tests/test_train.py checks).
+CODE_SOURCES = ("model", "train", "data/patches.py", "data/preprocess.py")
+# fine-tuning also segments the training scans with the stage-1 model (deepsc.inference)
+FINETUNE_CODE_SOURCES = (*CODE_SOURCES, "inference.py")
 
 
-@functools.lru_cache(maxsize=1)
-def code_key() -> str:
-    """SHA-256 of the package sources in :data:`CODE_SOURCES` (paths and bytes)."""
+def code_sources(stage: str) -> tuple[str, ...]:
+    """The sources ``stage`` (a DeepSC stage or ``baseline-<kind>``) trains with."""
+    return FINETUNE_CODE_SOURCES if stage == "finetune" else CODE_SOURCES
+
+
+@functools.lru_cache(maxsize=None)
+def code_key(stage: str) -> str:
+    """SHA-256 of the package sources of :func:`code_sources` (paths and bytes)."""
     root = Path(__file__).resolve().parents[1]
-    files = sorted(path for name in CODE_SOURCES
+    files = sorted(path for name in code_sources(stage)
                    for path in ((root / name).rglob("*.py") if (root / name).is_dir() else [root / name]))
     digest = hashlib.sha256()
     for path in files:
@@ -255,10 +270,10 @@ def prepare_stage(
     model = DeepSC(model_config)
     if inits:
         model.load_stage_weights(inits["seg"] / "model.pt", inits["cls"] / "model.pt")
+    init_sha256 = weights_sha256(inits)
     context = None
     if plan.stage == "finetune" and plan.teacher_forcing and context_source == "predicted":
-        key = (hashlib.sha256((inits["seg"] / "model.pt").read_bytes()).hexdigest(), data_key(Path(preprocessed), Path(split)),
-               model_config.patch_size, model_config.cls_shape)
+        key = (init_sha256["seg"], data_key(Path(preprocessed), Path(split)), model_config.patch_size, model_config.cls_shape)
         if key not in _CONTEXT_CACHE:
             _CONTEXT_CACHE.clear()  # one entry: the ablation grid fine-tunes variant after variant from it
             _CONTEXT_CACHE[key] = predicted_lesion_context(_stage1_segmenter(model), records, model_config.cls_shape)
@@ -275,10 +290,10 @@ def prepare_stage(
         "params": {k: params[k] for k in ("model", "loss", "preprocess", "train") if k in params},
         "settings_key": settings_key(stage, params),
         "data_key": data_key(Path(preprocessed), Path(split)),
-        "code_key": code_key(),
+        "code_key": code_key(stage),
         "class_counts": counts,
         "init_from": {k: str(v) for k, v in inits.items()},
-        "init_sha256": weights_sha256(inits),
+        "init_sha256": init_sha256,
         "engine": _jsonable(engine),
     }
     return PreparedStage(plan, model, dataset, adapter, engine, config)
