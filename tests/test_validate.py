@@ -121,6 +121,17 @@ def test_clean_cohort_passes_and_writes_reports(cohort: Path, tmp_path: Path, vp
     assert report.cases["hu_p01"].max() < -900
 
 
+def test_a_rerun_on_the_same_cohort_writes_the_same_bytes(cohort: Path, tmp_path: Path, vparams: dict) -> None:
+    """dvc hashes the report folder that gates split, analyze and preprocess: no timings in it."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    _validate(cohort, first, vparams)
+    _validate(cohort, second, vparams)
+    names = sorted(p.name for p in first.iterdir())
+    assert names == ["checks.csv", "validation.html", "validation.json"]
+    for name in names:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
 def test_small_class_is_a_warning_not_a_failure(cohort: Path, tmp_path: Path, params: dict) -> None:
     report = _validate(cohort, tmp_path / "report", params)  # min_cases_per_class: 5 > 2
     assert report.passed and report.status == "passed_with_warnings"
