@@ -375,16 +375,17 @@ def load_predictor(model: str | os.PathLike, params: Mapping[str, Any] | None = 
     """A :class:`~deepsc.inference.Predictor` and its description from a model folder or a
     registry URI (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, resolved through MLflow
     with ``mlflow.tracking_uri`` / ``$MLFLOW_TRACKING_URI``)."""
-    from deepsc.inference import Predictor, mirror_setting
+    from deepsc.inference import Predictor, mirror_setting, overlap_setting
     from deepsc.registry import file_sha256
 
     text = os.fspath(model)
     if text.startswith("models:/"):
         predictor, info = _registry_predictor(text, params or {}, device)
         predictor.mirror = mirror_setting(params or {})
+        predictor.overlap = overlap_setting(params or {})
         return predictor, info
     folder = Path(text)
-    predictor = Predictor.from_dir(folder, device, mirror=mirror_setting(params or {}))
+    predictor = Predictor.from_dir(folder, device, mirror=mirror_setting(params or {}), overlap=overlap_setting(params or {}))
     info = {"name": predictor.name, "version": f"sha256:{file_sha256(folder / 'model.pt')[:12]}", "source": str(folder)}
     return predictor, info
 

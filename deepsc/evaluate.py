@@ -329,17 +329,17 @@ def evaluate_model(model_dir: Path, preprocessed: Path, split: Path, out_dir: Pa
     Returns:
         The flat metrics of ``model_dir`` (as in metrics.json) plus ``seg_geometry``.
     """
-    from deepsc.inference import Predictor, mirror_setting
+    from deepsc.inference import Predictor, mirror_setting, overlap_setting
 
     out_dir = Path(out_dir)
     cases = test_cases(Path(preprocessed), Path(split))
     masks = original_masks(manifest or Path((params.get("paths") or {}).get("manifest", "data/manifest.csv")), cases)
     chunk = int(params.get("evaluate", {}).get("sw_batch_size", 4))
-    mirror = mirror_setting(params)
-    main = evaluate_predictor(Predictor.from_dir(model_dir, chunk_size=chunk, mirror=mirror), cases, params, masks,
+    mirror, overlap = mirror_setting(params), overlap_setting(params)
+    main = evaluate_predictor(Predictor.from_dir(model_dir, chunk_size=chunk, mirror=mirror, overlap=overlap), cases, params, masks,
                               Path(model_dir).name, Path(model_dir), progress)
     write_evaluation(main, out_dir)
-    others = [evaluate_predictor(Predictor.from_dir(folder, chunk_size=chunk, mirror=mirror), cases, params, masks, name, folder, progress)
+    others = [evaluate_predictor(Predictor.from_dir(folder, chunk_size=chunk, mirror=mirror, overlap=overlap), cases, params, masks, name, folder, progress)
               for name, folder in discover_models(compare, exclude=Path(model_dir))]
     for other in others:
         write_evaluation(other, out_dir / "compare" / other.name.replace("/", "__"), figures=False)

@@ -131,7 +131,7 @@ class DeepSCPyfunc(mlflow.pyfunc.PythonModel):
         if not folder:
             raise _service_error(f"the logged model has no '{MODEL_ARTIFACT}' artifact (the trained model folder)")
         self.model_dir = Path(folder)
-        self.predictor, self.model_info = load_predictor(self.model_dir, device=self.device)
+        self.predictor, self.model_info = load_predictor(self.model_dir, self.params, device=self.device)
         self._lock = threading.Lock()
 
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> dict[str, Any]:  # noqa: ANN001

@@ -103,10 +103,10 @@ def test_every_model_kind_predicts_the_whole_scan(tmp_path, kind, task, has_mask
 
 
 def test_patches_are_independent_and_all_of_them_are_used(tmp_path):
-    """A seg-only model is local: changing one patch changes the output only in that patch."""
+    """A seg-only model is local: on the plain grid, changing one patch changes the output only in that patch."""
     from deepsc.inference import Predictor
 
-    predictor = Predictor.from_dir(make_model_dir(tmp_path / "m", "deepsc", "seg"), device="cpu", mirror=False)
+    predictor = Predictor.from_dir(make_model_dir(tmp_path / "m", "deepsc", "seg"), device="cpu", mirror=False, overlap=0.0)
     image, cls = scan((16, 64, 40))
     before = predictor.predict_case(image, cls).lesion_prob
     changed = image.copy()
@@ -157,6 +157,19 @@ def test_mirror_setting_is_checked():
     assert mirror_setting({"inference": {"mirror": False}}) is False
     with pytest.raises(ConfigError, match="inference.mirror"):
         mirror_setting({"inference": {"mirror": "yes"}})
+
+
+def test_overlap_setting_is_checked(tmp_path):
+    from deepsc.errors import ConfigError
+    from deepsc.inference import Predictor, overlap_setting
+
+    assert overlap_setting({}) == 0.5
+    assert overlap_setting({"inference": {"overlap": 0}}) == 0.0
+    for bad in (-0.1, 0.95, True, "half"):
+        with pytest.raises(ConfigError, match="inference.overlap"):
+            overlap_setting({"inference": {"overlap": bad}})
+    with pytest.raises(ConfigError, match="inference.overlap"):
+        Predictor.from_dir(make_model_dir(tmp_path / "m"), device="cpu", overlap=1.0)
 
 
 def test_joint_prediction_is_deterministic_in_eval_mode(tmp_path):

@@ -289,6 +289,28 @@ def test_infer_scan_matches_forward_when_one_patch_is_the_scan():
     torch.testing.assert_close(torch.from_numpy(out["class_prob"]), torch.softmax(ref["cls_logit"], 1)[0])
 
 
+def test_infer_scan_overlap_changes_the_lesion_map_only():
+    """Sliding windows refine the lesion map; the classifier still sees the tiles (same class,
+    probabilities and evidence), and without the cross-stitch the map is exactly the Gaussian
+    blend of the seg path's patches."""
+    from deepsc.inference import stitch_patch_predictions
+
+    torch.manual_seed(7)
+    cls, image = torch.rand(1, 1, *CLS), torch.rand(1, 1, 17, 40, 33)
+    for model in (tiny_model(), tiny_model(cross_stitch=False)):
+        plain = model.infer_scan(cls, image, chunk_size=3, overlap=0.0)
+        sliding = model.infer_scan(cls, image, chunk_size=3, overlap=0.5)
+        assert abs(plain["class_prob"] - sliding["class_prob"]).max() < 1e-5 and plain["pred"] == sliding["pred"]
+        for a, b in zip(plain["evidence"], sliding["evidence"]):
+            assert abs(a - b).max() < 1e-4
+        assert sliding["lesion_prob"].shape == (17, 40, 33)
+        assert abs(plain["lesion_prob"] - sliding["lesion_prob"]).max() > 1e-3
+    with torch.no_grad():
+        blended = stitch_patch_predictions(image[0, 0].numpy(), PATCH, 3,
+                                           lambda x: torch.sigmoid(model(None, x, None, task="seg")["seg_logit"]), 0.5)
+    assert abs(sliding["lesion_prob"] - blended).max() < 1e-5
+
+
 def test_infer_scan_chunking_does_not_change_the_result():
     model = tiny_model()
     cls, image = torch.rand(1, 1, *CLS), torch.rand(1, 1, 17, 40, 33)

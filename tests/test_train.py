@@ -414,7 +414,8 @@ def test_joint_finetune_completes_the_lesion_map_with_the_stage1_segmentation(tr
     stage1 = {"seg": trained["seg"], "cls": trained["cls"]}
     unflipped = apply_overrides(trained["params"], {"train.flip_prob": 0.0})
     predicted = prepare_stage("finetune", trained["pre"], trained["split"], unflipped, stage1).dataset
-    segmenter = Predictor.from_dir(trained["seg"], device="cpu", mirror=False)
+    # the plain grid, as the classifier's lesion input at inference (DeepSC.infer_scan: the tiles)
+    segmenter = Predictor.from_dir(trained["seg"], device="cpu", mirror=False, overlap=0.0)
     for index, record in enumerate(predicted.records):
         image = np.load(record.case_dir / "image.npy").astype(np.float32)
         want = classification_input(segmenter.predict_case(image, np.zeros(CLS_SHAPE, np.float32)).lesion_prob,

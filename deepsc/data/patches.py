@@ -1,9 +1,14 @@
-"""Non-overlapping 3D patch grid over a ``(Z, Y, X)`` volume (the paper's X_seg patches).
+"""3D patch grids over a ``(Z, Y, X)`` volume (the paper's X_seg patches).
 
-The grid starts at voxel ``(0, 0, 0)`` and steps by the patch size, so every voxel lies in
-exactly one patch. The last patch along an axis may reach beyond the volume; the part outside
-is zero-padded by :func:`extract_patch` and dropped again by :func:`stitch_patches`. A volume
-smaller than the patch along an axis gets a single, padded patch along that axis.
+:func:`patch_grid` starts at voxel ``(0, 0, 0)`` and steps by the patch size, so every voxel
+lies in exactly one patch. The last patch along an axis may reach beyond the volume; the part
+outside is zero-padded by :func:`extract_patch` and dropped again by :func:`stitch_patches`. A
+volume smaller than the patch along an axis gets a single, padded patch along that axis.
+
+:func:`sliding_grid` adds overlapping patches to that grid (sliding-window inference): their
+predictions are combined by :func:`blend_patches` with the centre-weighted
+:func:`gaussian_importance` map, as nnU-Net does, so each voxel's value comes mostly from the
+patches that see it with context on all sides rather than at a zero-padded patch border.
 """
 
 from __future__ import annotations
@@ -42,6 +47,61 @@ def patch_grid(shape: Sequence[int], patch_size: Sequence[int]) -> list[Triple]:
         for iy in range(counts[1])
         for ix in range(counts[2])
     ]
+
+
+def sliding_grid(shape: Sequence[int], patch_size: Sequence[int], overlap: float) -> list[Triple]:
+    """Start voxels of overlapping patches: :func:`patch_grid` plus a start every
+    ``round(p * (1 - overlap))`` voxels along each axis, up to the last that fits in the volume.
+
+    ``overlap`` 0 gives :func:`patch_grid` exactly; 0.5 steps by half a patch. The non-overlapping
+    grid is always a subset, so a consumer can still tile the scan with part of the patches.
+
+    Returns:
+        starts ``(z, y, x)`` in C order (z slowest), no duplicates.
+    """
+    shape3 = _as_triple(shape, "shape")
+    size3 = _as_triple(patch_size, "patch_size")
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0.0 <= float(overlap) < 1.0:
+        raise ValueError(f"overlap must be a fraction in [0, 1), got {overlap!r}")
+    axes = []
+    for n, p in zip(shape3, size3):
+        tiles = range(0, n, p)
+        steps = range(0, max(n - p, 0) + 1, max(1, round(p * (1.0 - float(overlap)))))
+        axes.append(sorted(set(tiles) | set(steps)))
+    return [(z, y, x) for z in axes[0] for y in axes[1] for x in axes[2]]
+
+
+def gaussian_importance(patch_size: Sequence[int], sigma_scale: float = 0.125) -> np.ndarray:
+    """Centre-weighted float32 ``(pd, ph, pw)`` map: a Gaussian with sigma ``sigma_scale`` times
+    the patch size per axis, 1 at the centre, clipped below at 1e-3 so that a voxel every patch
+    sees only at its border still gets a (weak) value."""
+    size3 = _as_triple(patch_size, "patch_size")
+    if not 0.0 < sigma_scale:
+        raise ValueError(f"sigma_scale must be positive, got {sigma_scale!r}")
+    axes = [np.exp(-0.5 * ((np.arange(p) - (p - 1) / 2) / (sigma_scale * p)) ** 2) for p in size3]
+    weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return np.maximum(weight / weight.max(), 1e-3).astype(np.float32)
+
+
+def blend_patches(patches: Sequence[np.ndarray], starts: Sequence[Sequence[int]], shape: Sequence[int],
+                  weight: np.ndarray) -> np.ndarray:
+    """Weighted mean of overlapping patches, float32 ``(Z, Y, X)``; padding is dropped.
+
+    Each voxel gets ``sum(w * patch) / sum(w)`` over the patches that hold it (``weight``, e.g.
+    :func:`gaussian_importance`, has the patch shape); voxels no patch holds are 0.
+    """
+    if len(patches) != len(starts):
+        raise ValueError(f"{len(patches)} patches but {len(starts)} starts")
+    shape3 = _as_triple(shape, "shape")
+    total = np.zeros(shape3, dtype=np.float64)
+    coverage = np.zeros(shape3, dtype=np.float64)
+    for patch, start in zip(patches, starts):
+        if patch.shape != weight.shape:
+            raise ValueError(f"patch of shape {patch.shape} and weight of shape {weight.shape} differ")
+        vol_slices, patch_slices = _overlap(tuple(int(s) for s in start), patch.shape, shape3)  # type: ignore[arg-type]
+        total[vol_slices] += patch[patch_slices] * weight[patch_slices]
+        coverage[vol_slices] += weight[patch_slices]
+    return np.divide(total, coverage, out=np.zeros_like(total), where=coverage > 0).astype(np.float32)
 
 
 def _overlap(start: Triple, size: Triple, shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:

@@ -477,14 +477,21 @@ class DeepSC(nn.Module):
         patch_size: Sequence[int] | None = None,
         chunk_size: int = 4,
         with_evidence: bool = True,
+        overlap: float = 0.0,
     ) -> dict[str, Any]:
         """Diagnose one whole preprocessed scan.
 
         The C-features are computed once; every non-overlapping patch
         (:func:`deepsc.data.patches.patch_grid`, edge patches zero-padded) runs through the seg
         path with the cross-stitch, ``chunk_size`` patches at a time. The seg -> cls exchange and
-        the classifier's S_hat input are built from ALL patches pasted into the scan grid (the
-        patches tile the scan, so coverage is 1 everywhere).
+        the classifier's S_hat input are built from these patches pasted into the scan grid (the
+        patches tile the scan, so coverage is 1 everywhere, as for the one patch of training).
+
+        With ``overlap`` > 0 the lesion probability also comes from the overlapping patches of
+        :func:`deepsc.data.patches.sliding_grid`, blended with a Gaussian weight (sliding-window
+        inference); the classifier still sees the tiling patches only, so the class, its
+        probabilities and the evidence maps do not depend on ``overlap`` (beyond float rounding:
+        the patches are batched differently).
 
         Args:
             cls: ``(1, 1, N, Hc, Wc)`` classification input of the scan.
@@ -492,6 +499,8 @@ class DeepSC(nn.Module):
             patch_size: ``(pd, ph, pw)``; default the config's.
             chunk_size: patches per forward pass (bounds memory).
             with_evidence: also return the evidence maps at ``(Z, Y, X)`` (memory: 3 float32 volumes).
+            overlap: fraction of a patch that neighbouring segmentation windows share, in [0, 1);
+                0 = the non-overlapping grid alone (one forward pass per tile).
 
         Returns:
             ``lesion_prob`` float32 ``(Z, Y, X)`` in [0, 1]; ``class_prob`` float32 ``(K,)``;
@@ -500,7 +509,8 @@ class DeepSC(nn.Module):
         """
         import numpy as np
 
-        from deepsc.data.patches import extract_patch, normalized_box, patch_grid, stitch_patches
+        from deepsc.data.patches import (blend_patches, extract_patch, gaussian_importance, normalized_box, patch_grid,
+                                         sliding_grid, stitch_patches)
 
         size = tuple(int(v) for v in (patch_size or self.config.patch_size))
         self._check_input(cls, "cls", CLS_DIVISOR)
@@ -513,7 +523,9 @@ class DeepSC(nn.Module):
         device = next(self.parameters()).device
         shape = tuple(image.shape[2:])
         volume = image[0, 0].detach().float().cpu().numpy()
-        starts = patch_grid(shape, size)
+        tiles = patch_grid(shape, size)
+        starts = sliding_grid(shape, size, overlap) if overlap else tiles
+        is_tile = set(tiles)
 
         i_cls = self.cls_stem(cls.to(device))
         grid = i_cls.shape[2:]
@@ -524,15 +536,23 @@ class DeepSC(nn.Module):
             chunk = starts[first : first + chunk_size]
             patches = torch.from_numpy(np.stack([extract_patch(volume, s, size) for s in chunk])[:, None]).to(device)
             boxes = torch.tensor([normalized_box(s, size, shape) for s in chunk], dtype=i_cls.dtype, device=device)
+            # the classifier's inputs come from the tiles only (all of the chunk without overlap)
+            tile_rows = [i for i, s in enumerate(chunk) if s in is_tile]
+            whole = len(tile_rows) == len(chunk)
             i_seg = self.seg_stem(patches)
             if self.cross_stitch is None:
                 f_seg = i_seg
             else:
                 scan_grid = i_cls.expand(len(chunk), *i_cls.shape[1:])
                 f_seg = self.cross_stitch.mix_seg(i_seg, crop_from_grid(scan_grid, boxes, i_seg.shape[2:]))
-                seg_to_cls += paste_into_grid(i_seg, boxes, grid)[0].sum(dim=0, keepdim=True)
+                if tile_rows:
+                    pasted = i_seg if whole else i_seg[tile_rows]
+                    seg_to_cls += paste_into_grid(pasted, boxes if whole else boxes[tile_rows], grid)[0].sum(dim=0, keepdim=True)
             prob = torch.sigmoid(self.lesion(f_seg, patches)[0])
-            lesion_map += torch.cat(paste_into_grid(prob, boxes, grid), dim=1).sum(dim=0, keepdim=True)
+            if tile_rows:
+                pasted = prob if whole else prob[tile_rows]
+                lesion_map += torch.cat(paste_into_grid(pasted, boxes if whole else boxes[tile_rows], grid),
+                                        dim=1).sum(dim=0, keepdim=True)
             probs.extend(prob[:, 0].float().cpu().numpy())
 
         f_cls = i_cls if self.cross_stitch is None else self.cross_stitch.mix_cls(seg_to_cls, i_cls)
@@ -547,7 +567,8 @@ class DeepSC(nn.Module):
                 for unit in EVIDENCE_UNITS
             ]
         return {
-            "lesion_prob": stitch_patches(probs, starts, shape).astype(np.float32),
+            "lesion_prob": (blend_patches(probs, starts, shape, gaussian_importance(size)) if overlap
+                            else stitch_patches(probs, starts, shape).astype(np.float32)),
             "class_prob": class_prob.cpu().numpy().astype(np.float32),
             "pred": pred,
             "evidence": evidence,
