@@ -85,7 +85,10 @@ def test_grid_shares_stage1_models_and_nests_runs(tmp_path):
     params = tiny_params(tmp_path)
     init = {task: train_stage(f"pretrain-{task}", pre, split, tmp_path / task, params, progress=False) for task in ("seg", "cls")}
 
+    stale = tmp_path / "ablation" / PRETRAIN_CACHE / "pretrain-cls-0123456789ab"
+    stale.mkdir(parents=True)
     summary = run_ablation_grid(pre, split, tmp_path / "ablation", params, ["lambda_ta_0", "no_inception"], init, progress=False)
+    assert not stale.exists()
     rows = summary.set_index("variant")
     assert rows.loc["lambda_ta_0", "seg_init"] == str(init["seg"]) and rows.loc["lambda_ta_0", "cls_init"] == str(init["cls"])
     assert PRETRAIN_CACHE in rows.loc["no_inception", "seg_init"] and PRETRAIN_CACHE in rows.loc["no_inception", "cls_init"]
@@ -125,6 +128,21 @@ def test_grid_trains_a_variant_again_when_its_stage1_weights_or_code_change(tmp_
     assert second != first
     monkeypatch.setattr(stages, "code_key", lambda stage: "edited")
     assert run_id() != second
+
+
+def test_stage1_caches_of_settings_no_variant_uses_are_pruned(tmp_path, params):
+    from deepsc.train.ablation import PRETRAIN_CACHE, stale_pretrain_folders, variant_params
+    from deepsc.train.stages import settings_key
+
+    cache = tmp_path / PRETRAIN_CACHE
+    no_inception = variant_params(params, {"model.inception": False})
+    used = cache / f"pretrain-seg-{settings_key('pretrain-seg', no_inception)[:12]}"
+    stale = cache / "pretrain-seg-0123456789ab"  # an older setting's stage 1
+    other = cache / "notes"  # not a cache folder: left alone
+    for folder in (used, stale, other):
+        folder.mkdir(parents=True)
+    assert stale_pretrain_folders(tmp_path, params) == [stale]
+    assert stale_pretrain_folders(tmp_path / "empty", params) == []
 
 
 def test_speed_only_settings_do_not_invalidate_cached_models(params):

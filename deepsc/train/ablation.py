@@ -7,7 +7,9 @@ A variant that changes what stage 1 depends on (``model.inception: false`` chang
 inception blocks; ``train.task: cls``, the ``w/o Seg`` model, pre-trains its classifier without
 the reference lesion masks) gets its own stage-1 models, pre-trained once and cached under
 ``<out>/_pretrain/<stage>-<settings hash>/`` (:data:`deepsc.train.stages.STAGE_SETTINGS` lists
-the settings in the hash). Fine-tuning epochs are scaled by ``ablation.epochs_scale``.
+the settings in the hash). A cache folder that no variant of the grid in params.yaml would use
+(left by an older setting) is deleted when the grid runs. Fine-tuning epochs are scaled by
+``ablation.epochs_scale``.
 
 All runs are nested MLflow runs under ONE parent run named ``ablation``; each variant writes
 ``<out>/<variant>/{model.pt, config.json, history.csv, last.pt, run.json}``, and the grid writes
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -116,6 +119,9 @@ def run_ablation_grid(
         raise ConfigError(f"unknown ablation variant(s) {', '.join(unknown)} (known: {', '.join(grid)})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in stale_pretrain_folders(out_dir, params):
+        log.info("ablation: deleting %s (stage-1 cache of settings no variant uses any more)", stale)
+        shutil.rmtree(stale)
     rows = []
     with tracking.start_run(params, "ablation", "ablation") as parent:
         parent_id = parent.info.run_id
@@ -125,6 +131,21 @@ def run_ablation_grid(
             atomic_write_bytes(out_dir / SUMMARY, summary.to_csv(index=False).encode())  # grows as variants finish
         tracking.log_artifacts(out_dir / SUMMARY)
     return summary
+
+
+def stale_pretrain_folders(out_dir: Path, params: Mapping[str, Any]) -> list[Path]:
+    """Stage-1 cache folders under ``<out_dir>/_pretrain`` that no variant of ``params``' grid
+    would use: each cache is named by its settings hash, so these are left from older settings."""
+    from deepsc.train.stages import settings_key
+
+    cache = Path(out_dir) / PRETRAIN_CACHE
+    if not cache.is_dir():
+        return []
+    wanted = {f"{stage}-{settings_key(stage, vparams)[:12]}"
+              for vparams in (variant_params(params, overrides) for overrides in ablation_variants(params).values())
+              for stage in ("pretrain-seg", "pretrain-cls")}
+    return [folder for folder in sorted(cache.iterdir())
+            if folder.is_dir() and folder.name.startswith("pretrain-") and folder.name not in wanted]
 
 
 def _run_variant(name, overrides, preprocessed, split, out_dir, params, init_from, parent_id, progress) -> dict[str, Any]:
