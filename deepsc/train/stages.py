@@ -264,6 +264,7 @@ def prepare_stage(
     lesion_patch_prob = float(params.get("train", {}).get("lesion_patch_prob", 0.8))
     flip_prob = float(params.get("train", {}).get("flip_prob", 0.0))
     counts = class_counts(records)
+    cohort_key = data_key(Path(preprocessed), Path(split))
 
     seed_everything(engine.seed)
     model_config = ModelConfig.from_params(params)
@@ -273,7 +274,7 @@ def prepare_stage(
     init_sha256 = weights_sha256(inits)
     context = None
     if plan.stage == "finetune" and plan.teacher_forcing and context_source == "predicted":
-        key = (init_sha256["seg"], data_key(Path(preprocessed), Path(split)), model_config.patch_size, model_config.cls_shape)
+        key = (init_sha256["seg"], cohort_key, model_config.patch_size, model_config.cls_shape)
         if key not in _CONTEXT_CACHE:
             _CONTEXT_CACHE.clear()  # one entry: the ablation grid fine-tunes variant after variant from it
             _CONTEXT_CACHE[key] = predicted_lesion_context(_stage1_segmenter(model), records, model_config.cls_shape)
@@ -289,7 +290,7 @@ def prepare_stage(
         "model": model_config.to_dict(),
         "params": {k: params[k] for k in ("model", "loss", "preprocess", "train") if k in params},
         "settings_key": settings_key(stage, params),
-        "data_key": data_key(Path(preprocessed), Path(split)),
+        "data_key": cohort_key,
         "code_key": code_key(stage),
         "class_counts": counts,
         "init_from": {k: str(v) for k, v in inits.items()},
@@ -316,7 +317,9 @@ def lesion_context_source(params: Mapping[str, Any]) -> str:
 
 
 def _stage1_segmenter(model: Any) -> Any:
-    """``(Z, Y, X) image -> lesion probability`` with the seg path alone (stage-1 weights)."""
+    """``(Z, Y, X) image -> lesion probability`` with the seg path alone (stage-1 weights), on the
+    non-overlapping grid: at inference the classifier's lesion input comes from the tiles too
+    (``DeepSC.infer_scan``); only the reported lesion map uses sliding windows."""
     import torch
 
     from deepsc.inference import stitch_patch_predictions
