@@ -1,7 +1,8 @@
 """`deepsc evaluate`: Table II metrics of a trained model on the held-out test scans.
 
 Every test scan of the split runs through :class:`deepsc.inference.Predictor` at full scan size
-(all non-overlapping patches, stitched). Then, per scan:
+with the pipeline's inference settings (``inference.mirror``, ``inference.overlap``: sliding
+windows over the whole scan). Then, per scan:
 
 * **segmentation** (Table II: COVID-19 and CAP scans with a known lesion mask; on normal scans,
   whose mask is all zeros, only the false-positive rate and volume are reported): the
@@ -447,7 +448,7 @@ def evaluation_report(evaluation: ModelEvaluation, pngs: Mapping[str, bytes]) ->
                 else "preprocessed grid and its resampled spacing (the manifest's original masks were not available)")
     m = evaluation.metrics
     notes = [
-        ("Model", f"{evaluation.predictor_name} from {evaluation.model_dir}; {m['n_test']} held-out test scans."),
+        ("Model", f"{evaluation.predictor_name} from {evaluation.model_dir}; {m['n_test']} test scans of the split."),
         ("Segmentation", f"Computed on the {geometry}; {m.get('n_seg', 0)} COVID-19 / CAP scans with a lesion mask. "
                          "Metrics are mean (standard deviation) over scans in percent, RMSD in mm; RMSD is undefined (left "
                          f"out) when exactly one mask is empty ({m.get('rmsd_mm_excluded', 0)} scans). Normal scans: "
@@ -481,7 +482,7 @@ def write_comparison(evaluations: Sequence[ModelEvaluation], out_dir: Path) -> N
                 **{k: v for k, v in ev.metrics.items()}} for ev in evaluations]
     _write_text(out_dir / "comparison.csv", pd.DataFrame(records).to_csv(index=False))
     rows, header = table_ii_rows(evaluations)
-    text = ["# DeepSC vs ablations and baselines (held-out test scans)", "",
+    text = ["# DeepSC vs ablations and baselines (the split's test scans)", "",
             f"Segmentation on the {evaluations[0].seg_geometry} grid; mean (std) in percent, RMSD in mm; n/a: the model "
             "does not produce that output (single-task models and baselines).", "", report.markdown_table(rows, header), ""]
     _write_text(out_dir / "comparison.md", "\n".join(text))
