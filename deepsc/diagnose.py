@@ -9,7 +9,8 @@ Steps (:func:`diagnose_volume`, the one core shared with the MLflow pyfunc of
 2. lung segmentation (``lungseg`` settings) and preprocessing with the settings the MODEL was
    trained with (``config.json`` ``params.preprocess``; a different ``preprocess`` section in
    params.yaml is ignored with a log line, the model cannot read other inputs);
-3. segmentation by the non-overlapping patch grid and classification
+3. segmentation by Gaussian-blended sliding windows over the scan (``inference.overlap``; with
+   ``inference.mirror`` also over its mirror image) and classification
    (:class:`deepsc.inference.Predictor`);
 4. the lesion probability and the evidence maps are mapped back onto the ORIGINAL voxel grid
    (:func:`deepsc.data.preprocess.to_original_grid`, linear interpolation), the probability
