@@ -25,11 +25,13 @@ Segmentation covers the whole scan with sliding windows (``overlap``, params.yam
 ``inference.overlap``, default 0.5): the non-overlapping patch grid of :mod:`deepsc.data.patches`
 plus patches shifted by half a patch, blended with a centre-weighted Gaussian as nnU-Net does
 (edge patches zero-padded, padding dropped), so the probability map has exactly the scan's
-shape. About 1.8x the patches of the plain grid on the default cohort and +0.6 / +0.8 Dice
+shape. About 1.8x the patches of the plain grid on the default cohort and +0.8 / +0.6 Dice
 (held-out / independent scans); ``overlap: 0`` runs the plain grid alone. A joint DeepSC's
-classifier always sees the plain grid's patches (see ``DeepSC.infer_scan``). Evidence maps are the class activation maps of the
-predicted class (units e3, e2, e1), resized to the scan and min-max normalised to [0, 1] over it.
-A seg-only model gives no class and no evidence; a cls-only model gives no lesion map.
+classifier always sees the plain grid's patches (see ``DeepSC.infer_scan``).
+
+Evidence maps are the class activation maps of the predicted class (units e3, e2, e1), resized
+to the scan and min-max normalised to [0, 1] over it. A seg-only model gives no class and no
+evidence; a cls-only model gives no lesion map.
 
 Test-time mirroring (``mirror=True``, the default; params.yaml ``inference.mirror``): the scan
 and its left-right mirror image (X flipped, as in training's augmentation) both run through the

@@ -92,7 +92,9 @@ def test_blend_of_extracted_overlapping_patches_is_identity(shape, size):
     volume = np.random.default_rng(1).normal(size=shape).astype(np.float32)
     starts = sliding_grid(shape, size, 0.5)
     patches = [extract_patch(volume, start, size) for start in starts]
-    np.testing.assert_allclose(blend_patches(patches, starts, shape, gaussian_importance(size)), volume, atol=1e-5)
+    blended = blend_patches(patches, starts, shape, gaussian_importance(size))
+    assert blended.dtype == np.float32
+    np.testing.assert_allclose(blended, volume, atol=1e-5)
 
 
 def test_blend_weights_each_patch_by_where_the_voxel_lies_in_it():

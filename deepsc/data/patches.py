@@ -88,20 +88,21 @@ def blend_patches(patches: Sequence[np.ndarray], starts: Sequence[Sequence[int]]
     """Weighted mean of overlapping patches, float32 ``(Z, Y, X)``; padding is dropped.
 
     Each voxel gets ``sum(w * patch) / sum(w)`` over the patches that hold it (``weight``, e.g.
-    :func:`gaussian_importance`, has the patch shape); voxels no patch holds are 0.
+    :func:`gaussian_importance`, has the patch shape); voxels no patch holds are 0. Sums are
+    float32 (a few terms per voxel): two volumes of the scan's size besides the patches.
     """
     if len(patches) != len(starts):
         raise ValueError(f"{len(patches)} patches but {len(starts)} starts")
     shape3 = _as_triple(shape, "shape")
-    total = np.zeros(shape3, dtype=np.float64)
-    coverage = np.zeros(shape3, dtype=np.float64)
+    total = np.zeros(shape3, dtype=np.float32)
+    coverage = np.zeros(shape3, dtype=np.float32)
     for patch, start in zip(patches, starts):
         if patch.shape != weight.shape:
             raise ValueError(f"patch of shape {patch.shape} and weight of shape {weight.shape} differ")
         vol_slices, patch_slices = _overlap(tuple(int(s) for s in start), patch.shape, shape3)  # type: ignore[arg-type]
         total[vol_slices] += patch[patch_slices] * weight[patch_slices]
         coverage[vol_slices] += weight[patch_slices]
-    return np.divide(total, coverage, out=np.zeros_like(total), where=coverage > 0).astype(np.float32)
+    return np.divide(total, coverage, out=np.zeros_like(total), where=coverage > 0)
 
 
 def _overlap(start: Triple, size: Triple, shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
