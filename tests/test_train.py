@@ -310,7 +310,7 @@ def test_patch_draws_are_lesion_biased_and_reproducible(cohort):
         for epoch in range(200):
             dataset.set_epoch(epoch)
             draws.append(dataset.choose_patch(0))
-        return sum(d == 1 for d in draws) / len(draws)
+        return sum(d == records[0].starts[1] for d in draws) / len(draws)
 
     assert 0.85 <= lesion_share(biased) <= 0.95  # 0.8 + 0.2 * 1/2
     assert 0.35 <= lesion_share(uniform) <= 0.65
@@ -318,6 +318,30 @@ def test_patch_draws_are_lesion_biased_and_reproducible(cohort):
     for epoch in (0, 7):
         biased.set_epoch(epoch), again.set_epoch(epoch)
         assert [biased.choose_patch(i) for i in range(len(records))] == [again.choose_patch(i) for i in range(len(records))]
+
+
+def test_random_patches_start_anywhere_up_to_the_last_tile_and_keep_the_lesion(cohort):
+    from deepsc.train.dataset import ScanDataset, read_cohort
+
+    records = read_cohort(*cohort, "train")
+    lesion_only = ScanDataset(records, "train", lesion_patch_prob=1.0, seed=0, patch_sampling="random")
+    anywhere = ScanDataset(records, "train", lesion_patch_prob=0.0, seed=0, patch_sampling="random")
+    lesion_starts, any_starts = set(), set()
+    for epoch in range(60):
+        lesion_only.set_epoch(epoch), anywhere.set_epoch(epoch)
+        item = lesion_only[0]  # c0: lesion at z 10..13
+        assert item["lesion"].sum() > 0
+        lesion_starts.add(lesion_only.choose_patch(0))
+        any_starts.add(anywhere.choose_patch(0))
+    # scan (16, 32, 32), patch (8, 32, 32): z starts 0..8 (the grid's last tile), y = x = 0
+    assert all(0 <= z <= 8 and y == 0 and x == 0 for z, y, x in any_starts | lesion_starts)
+    assert len(any_starts) >= 6 and not any_starts <= set(records[0].starts)
+    assert all(3 <= z <= 8 for z, _, _ in lesion_starts) and len(lesion_starts) >= 3  # a patch holding z 10..13 starts at 3..8
+    again = ScanDataset(records, "train", lesion_patch_prob=1.0, seed=0, patch_sampling="random")
+    again.set_epoch(59)
+    assert [again.choose_patch(i) for i in range(len(records))] == [lesion_only.choose_patch(i) for i in range(len(records))]
+    with pytest.raises(ConfigError, match="patch_sampling"):
+        ScanDataset(records, "train", patch_sampling="jitter")
 
 
 def test_eval_items_are_whole_scans(cohort):

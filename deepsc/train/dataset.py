@@ -8,9 +8,12 @@ A sample is ONE SCAN (the cross-stitch needs the patch's position in its own sca
   ``(1, pd, ph, pw)`` float32 in {0, 1} (zeros when ``has_mask`` is False), ``has_mask`` (bool; False = the lesion mask is
   unknown and the segmentation loss must skip the scan), ``label`` (int64 class index,
   ``deepsc.CLASSES`` order) and ``case_id``. The patch is lesion-biased: with probability
-  ``lesion_patch_prob`` it is drawn among the patches holding lesion voxels (when the scan has
-  any), otherwise uniformly among all patches. The draw depends only on (seed, epoch, index),
-  so it is the same in every worker, process and after a resume. ``lesion_cls``
+  ``lesion_patch_prob`` it holds lesion voxels (when the scan has any), otherwise it is drawn
+  anywhere. ``patch_sampling`` says where patches may start: ``grid`` draws among the tiles of
+  the non-overlapping grid (a scan then offers only its few tiles, e.g. 8); ``random`` draws
+  any start from 0 to the last tile's start per axis (nnU-Net's random crops; a lesion patch
+  is placed at a random offset around one random lesion voxel). The draw depends only on
+  (seed, epoch, index), so it is the same in every worker, process and after a resume. ``lesion_cls``
   ``(1, N, Hc, Wc)`` float32 is the scan's lesion map on the classification grid (the reference
   mask, or the ``lesion_context`` map given to the dataset) and ``context_known`` (bool) says
   whether it is known.
@@ -33,6 +36,7 @@ from deepsc.errors import ConfigError, InputError
 
 Triple = tuple[int, int, int]
 MODES = ("train", "eval")
+PATCH_SAMPLING = ("grid", "random")
 SUBSETS = ("train", "test")
 
 
@@ -104,8 +108,10 @@ class ScanDataset:
     Args:
         records: scans from :func:`read_cohort`.
         mode: ``train`` (one lesion-biased patch per scan) or ``eval`` (whole scans).
-        lesion_patch_prob: probability in [0, 1] of drawing a patch among the lesion patches.
+        lesion_patch_prob: probability in [0, 1] of drawing a patch that holds lesion voxels.
         seed: seed of the patch draws.
+        patch_sampling: ``grid`` (tiles of the non-overlapping grid) or ``random`` (any start
+            up to the last tile's, see the module docstring).
         flip_prob: probability of mirroring a training scan left-right (:func:`mirror_left_right`).
         lesion_context: optional ``{case_id: (N, Hc, Wc) float32}`` lesion maps on the
             classification grid that replace the reference mask as ``lesion_cls`` (e.g. a
@@ -114,9 +120,13 @@ class ScanDataset:
     """
 
     def __init__(self, records: Sequence[CaseRecord], mode: str = "train", lesion_patch_prob: float = 0.8, seed: int = 0,
-                 flip_prob: float = 0.0, lesion_context: dict[str, np.ndarray] | None = None):
+                 flip_prob: float = 0.0, lesion_context: dict[str, np.ndarray] | None = None,
+                 patch_sampling: str = "grid"):
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if patch_sampling not in PATCH_SAMPLING:
+            raise ConfigError(f"train.patch_sampling must be one of {', '.join(PATCH_SAMPLING)}, got {patch_sampling!r}")
+        self.patch_sampling = patch_sampling
         if not 0.0 <= float(flip_prob) <= 1.0:
             raise ConfigError(f"train.flip_prob must be in [0, 1], got {flip_prob!r}")
         self.flip_prob = float(flip_prob)
@@ -170,21 +180,31 @@ class ScanDataset:
             item = mirror_left_right(item)
         return item
 
-    def choose_patch(self, index: int) -> int:
-        """The patch drawn for scan ``index`` in the current epoch (a pure function of seed, epoch, index)."""
+    def choose_patch(self, index: int) -> Triple:
+        """The start ``(z, y, x)`` of the patch drawn for scan ``index`` in the current epoch (a
+        pure function of seed, epoch, index)."""
         record = self.records[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         lesion = record.lesion_patches
-        if lesion and rng.random() < self.lesion_patch_prob:
-            return int(lesion[rng.integers(len(lesion))])
-        return int(rng.integers(len(record.starts)))
+        wants_lesion = bool(lesion) and rng.random() < self.lesion_patch_prob
+        if self.patch_sampling == "grid":
+            chosen = lesion[rng.integers(len(lesion))] if wants_lesion else rng.integers(len(record.starts))
+            return record.starts[int(chosen)]
+        last = [max(start[axis] for start in record.starts) for axis in range(3)]
+        if not wants_lesion:
+            return tuple(int(rng.integers(top + 1)) for top in last)  # type: ignore[return-value]
+        mask = _load(record, "lesion.npy")
+        voxels = np.flatnonzero(mask)
+        voxel = np.unravel_index(int(voxels[rng.integers(voxels.size)]), mask.shape)
+        # the voxel lands at a uniform offset in the patch; clamping keeps it inside (last >= voxel - size + 1)
+        return tuple(int(min(max(v - rng.integers(size), 0), top))  # type: ignore[return-value]
+                     for v, size, top in zip(voxel, record.patch_size, last))
 
-    def _patch_item(self, record: CaseRecord, patch_index: int) -> dict[str, Any]:
+    def _patch_item(self, record: CaseRecord, start: Triple) -> dict[str, Any]:
         import torch
 
         from deepsc.data.patches import extract_patch, normalized_box
 
-        start = record.starts[patch_index]
         patch = extract_patch(_load(record, "image.npy"), start, record.patch_size).astype(np.float32)
         if record.has_mask:
             mask = extract_patch(_load(record, "lesion.npy"), start, record.patch_size).astype(np.float32)
