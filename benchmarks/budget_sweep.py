@@ -40,7 +40,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lr2x": {"train.pretrain_seg.lr": 2.0e-3},
     "lr3x": {"train.pretrain_seg.lr": 3.0e-3},
     "lesion_patches": {"train.lesion_patch_prob": 1.0},
-    "random_patches": {"train.patch_sampling": "random"},  # random crops instead of the grid's tiles
+    "grid_patches": {"train.pretrain_seg.patch_sampling": "grid"},  # stage-1 seg patches only at the tiles
+    "random_finetune": {"train.finetune.patch_sampling": "random"},  # fine-tuning on random crops too
     "batch4": {"train.pretrain_seg.batch_size": 4},
     "wide": {"model.seg_widths": [24, 48, 96, 192]},
     "noflip": {"train.flip_prob": 0.0},

@@ -408,6 +408,22 @@ def test_pretraining_trains_only_its_own_path(trained):
     assert changed(cls, "classifier.") and unchanged(cls, "lesion.") and unchanged(cls, "seg_stem.")
 
 
+def test_each_stage_draws_patches_as_its_own_block_says(trained):
+    from deepsc.config import apply_overrides
+    from deepsc.train.dataset import patch_sampling_setting
+    from deepsc.train.stages import prepare_stage
+
+    train = trained["params"]["train"]
+    params = apply_overrides(trained["params"], {"train.pretrain_seg": {**train["pretrain_seg"], "patch_sampling": "random"},
+                                                 "train.finetune": {**train["finetune"], "patch_sampling": "grid"}})
+    seg = prepare_stage("pretrain-seg", trained["pre"], trained["split"], params)
+    joint = prepare_stage("finetune", trained["pre"], trained["split"], params, {"seg": trained["seg"], "cls": trained["cls"]})
+    assert (seg.dataset.patch_sampling, joint.dataset.patch_sampling) == ("random", "grid")
+    assert patch_sampling_setting({"train": {"pretrain_cls": {"epochs": 1}}}, "pretrain_cls") == "grid"  # absent: the tiles
+    with pytest.raises(ConfigError, match="train.finetune.patch_sampling"):
+        patch_sampling_setting({"train": {"finetune": {"patch_sampling": "jitter"}}}, "finetune")
+
+
 def test_finetune_starts_from_both_stage1_models_and_trains_the_cross_stitch(trained):
     import torch
 

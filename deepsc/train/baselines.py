@@ -78,8 +78,8 @@ class BaselineAdapter:
 # into the new architecture would fail on the shapes).
 BASELINE_SETTINGS = {
     "unet": ("baselines.unet_channels", "loss.lambda_dice", "loss.lambda_focal", "loss.focal_gamma", "loss.focal_alpha",
-             "train.lesion_patch_prob", "train.patch_sampling", "train.flip_prob"),
-    "classifier": ("baselines.classifier", "baselines.classifier_width", "train.lesion_patch_prob", "train.patch_sampling", "train.flip_prob"),
+             "train.lesion_patch_prob", "train.pretrain_seg.patch_sampling", "train.flip_prob"),
+    "classifier": ("baselines.classifier", "baselines.classifier_width", "train.lesion_patch_prob", "train.flip_prob"),
 }
 
 
@@ -144,7 +144,7 @@ def train_baseline(
 ) -> Path:
     """Train the ``kind`` baseline on the ``train`` subset; returns ``out_dir`` (as DeepSC stages)."""
     from deepsc.model.losses import LossConfig
-    from deepsc.train.dataset import ScanDataset, class_counts, read_cohort
+    from deepsc.train.dataset import ScanDataset, class_counts, patch_sampling_setting, read_cohort
     from deepsc.train.engine import seed_everything
     from deepsc.train.stages import check_patch_size, code_key, data_key, run_tracked
 
@@ -155,7 +155,8 @@ def train_baseline(
     check_patch_size(records[0].patch_size, params)
     train = params.get("train", {})
     dataset = ScanDataset(records, "train", float(train.get("lesion_patch_prob", 0.8)), engine.seed,
-                          flip_prob=float(train.get("flip_prob", 0.0)), patch_sampling=train.get("patch_sampling", "grid"))
+                          flip_prob=float(train.get("flip_prob", 0.0)),
+                          patch_sampling=patch_sampling_setting(params, "pretrain_seg"))  # as the seg pre-training
     counts = class_counts(records)
     seed_everything(engine.seed)
     model = build_baseline(kind, params)

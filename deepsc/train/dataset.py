@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -125,7 +125,7 @@ class ScanDataset:
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if patch_sampling not in PATCH_SAMPLING:
-            raise ConfigError(f"train.patch_sampling must be one of {', '.join(PATCH_SAMPLING)}, got {patch_sampling!r}")
+            raise ConfigError(f"patch_sampling must be one of {', '.join(PATCH_SAMPLING)}, got {patch_sampling!r}")
         self.patch_sampling = patch_sampling
         if not 0.0 <= float(flip_prob) <= 1.0:
             raise ConfigError(f"train.flip_prob must be in [0, 1], got {flip_prob!r}")
@@ -249,6 +249,15 @@ def predicted_lesion_context(segment: Any, records: Sequence[CaseRecord], cls_sh
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def patch_sampling_setting(params: Mapping[str, Any], section: str) -> str:
+    """``train.<section>.patch_sampling`` (``grid`` when absent), checked against :data:`PATCH_SAMPLING`."""
+    block = (params.get("train") or {}).get(section) or {}
+    value = block.get("patch_sampling", "grid")
+    if value not in PATCH_SAMPLING:
+        raise ConfigError(f"train.{section}.patch_sampling must be one of {', '.join(PATCH_SAMPLING)}, got {value!r}")
+    return str(value)
 
 
 def _read_csv(path: Path, columns: Sequence[str]):

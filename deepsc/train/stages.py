@@ -44,9 +44,9 @@ RUN_FILE = "run.json"
 _MODEL_BUT_CROSS_STITCH = ("model.inception", "model.seg_widths", "model.cls_widths", "model.seg_eta", "model.norm_groups")
 STAGE_SETTINGS = {
     "pretrain-seg": (*_MODEL_BUT_CROSS_STITCH, "preprocess", "loss.lambda_dice", "loss.lambda_focal", "loss.focal_gamma", "loss.lambda_deep",
-                     "loss.focal_alpha", "train.seed", "train.lesion_patch_prob", "train.patch_sampling", "train.flip_prob", "train.pretrain_seg"),
-    "pretrain-cls": (*_MODEL_BUT_CROSS_STITCH, "preprocess", "train.seed", "train.lesion_patch_prob", "train.patch_sampling", "train.flip_prob", "train.pretrain_cls"),
-    "finetune": ("model", "preprocess", "loss", "train.seed", "train.lesion_patch_prob", "train.patch_sampling", "train.flip_prob", "train.task", "train.amp",
+                     "loss.focal_alpha", "train.seed", "train.lesion_patch_prob", "train.flip_prob", "train.pretrain_seg"),
+    "pretrain-cls": (*_MODEL_BUT_CROSS_STITCH, "preprocess", "train.seed", "train.lesion_patch_prob", "train.flip_prob", "train.pretrain_cls"),
+    "finetune": ("model", "preprocess", "loss", "train.seed", "train.lesion_patch_prob", "train.flip_prob", "train.task", "train.amp",
                  "train.lesion_context", "train.finetune"),
 }
 
@@ -252,7 +252,7 @@ def prepare_stage(
     """Model (seeded init, stage-1 weights for finetune), training set, adapter and settings."""
     from deepsc.model.losses import LossConfig
     from deepsc.model.network import DeepSC, ModelConfig
-    from deepsc.train.dataset import ScanDataset, class_counts, predicted_lesion_context, read_cohort
+    from deepsc.train.dataset import ScanDataset, class_counts, patch_sampling_setting, predicted_lesion_context, read_cohort
     from deepsc.train.engine import EngineConfig, seed_everything
 
     plan = stage_plan(stage, params)
@@ -263,7 +263,6 @@ def prepare_stage(
     check_patch_size(records[0].patch_size, params)
     lesion_patch_prob = float(params.get("train", {}).get("lesion_patch_prob", 0.8))
     flip_prob = float(params.get("train", {}).get("flip_prob", 0.0))
-    patch_sampling = params.get("train", {}).get("patch_sampling", "grid")
     counts = class_counts(records)
     cohort_key = data_key(Path(preprocessed), Path(split))
 
@@ -281,7 +280,7 @@ def prepare_stage(
             _CONTEXT_CACHE[key] = predicted_lesion_context(_stage1_segmenter(model), records, model_config.cls_shape)
         context = _CONTEXT_CACHE[key]
     dataset = ScanDataset(records, "train", lesion_patch_prob, engine.seed, flip_prob=flip_prob, lesion_context=context,
-                          patch_sampling=patch_sampling)
+                          patch_sampling=patch_sampling_setting(params, STAGE_SECTION[stage]))
     adapter = DeepSCAdapter(plan, LossConfig.from_params(params, class_counts=counts))
     config = {
         "kind": "deepsc",
