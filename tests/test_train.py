@@ -298,6 +298,33 @@ def test_training_items_have_documented_shapes(cohort):
     assert not bool(unknown["has_mask"]) and unknown["lesion"].sum() == 0
 
 
+def test_lesion_context_is_the_cell_average_that_inference_pastes():
+    """The classifier's lesion map outside a training patch is what DeepSC.infer_scan builds
+    from its tiles, including lesions on slices that the eq. 12 sampling of cls.npy skips."""
+    import torch
+
+    from deepsc.data.patches import extract_patch, normalized_box, patch_grid
+    from deepsc.data.preprocess import classification_input, cls_slice_indices
+    from deepsc.model.coords import paste_into_grid
+    from deepsc.train.dataset import lesion_on_cls_grid
+
+    shape, size, grid = (37, 45, 52), (8, 16, 16), (16, 32, 32)
+    lesion = (np.random.default_rng(0).random(shape) > 0.9).astype(np.float32)
+    tiles = patch_grid(shape, size)
+    patches = torch.from_numpy(np.stack([extract_patch(lesion, s, size) for s in tiles])[:, None])
+    boxes = torch.tensor([normalized_box(s, size, shape) for s in tiles], dtype=torch.float32)
+    pasted = paste_into_grid(patches, boxes, grid)[0].sum(dim=0)[0].numpy()
+    np.testing.assert_allclose(lesion_on_cls_grid(lesion, grid), pasted, atol=1e-5)
+
+    thin = np.zeros(shape, dtype=np.float32)
+    skipped = min(set(range(shape[0])) - set(cls_slice_indices(shape[0], grid[0]).tolist()))
+    thin[skipped, 10:20, 10:30] = 1.0
+    assert classification_input(thin, grid[0], grid[1:]).max() == 0.0
+    context = lesion_on_cls_grid(thin, grid)
+    assert context.dtype == np.float32 and context.shape == grid
+    assert context.mean() == pytest.approx(thin.mean(), rel=1e-5)   # the lesion's volume share is kept
+
+
 def test_patch_draws_are_lesion_biased_and_reproducible(cohort):
     from deepsc.train.dataset import ScanDataset, read_cohort
 
@@ -448,7 +475,7 @@ def test_joint_finetune_completes_the_lesion_map_with_the_stage1_segmentation(tr
     from deepsc.config import apply_overrides
     from deepsc.errors import ConfigError
     from deepsc.inference import Predictor
-    from deepsc.data.preprocess import classification_input
+    from deepsc.train.dataset import lesion_on_cls_grid
     from deepsc.train.stages import prepare_stage
 
     stage1 = {"seg": trained["seg"], "cls": trained["cls"]}
@@ -458,8 +485,7 @@ def test_joint_finetune_completes_the_lesion_map_with_the_stage1_segmentation(tr
     segmenter = Predictor.from_dir(trained["seg"], device="cpu", mirror=False, overlap=0.0)
     for index, record in enumerate(predicted.records):
         image = np.load(record.case_dir / "image.npy").astype(np.float32)
-        want = classification_input(segmenter.predict_case(image, np.zeros(CLS_SHAPE, np.float32)).lesion_prob,
-                                    CLS_SHAPE[0], CLS_SHAPE[1:])
+        want = lesion_on_cls_grid(segmenter.predict_case(image, np.zeros(CLS_SHAPE, np.float32)).lesion_prob, CLS_SHAPE)
         item = predicted[index]
         np.testing.assert_allclose(item["lesion_cls"][0].numpy(), want, atol=1e-5)
         assert bool(item["context_known"])

@@ -15,8 +15,8 @@ A sample is ONE SCAN (the cross-stitch needs the patch's position in its own sca
   is placed at a random offset around one random lesion voxel). The draw depends only on
   (seed, epoch, index), so it is the same in every worker, process and after a resume. ``lesion_cls``
   ``(1, N, Hc, Wc)`` float32 is the scan's lesion map on the classification grid (the reference
-  mask, or the ``lesion_context`` map given to the dataset) and ``context_known`` (bool) says
-  whether it is known.
+  mask, or the ``lesion_context`` map given to the dataset), averaged over each cell's share of
+  the scan by :func:`lesion_on_cls_grid`, and ``context_known`` (bool) says whether it is known.
 * evaluation mode - the whole scan: ``cls``, ``image`` ``(1, Z, Y, X)`` float32, ``lesion``
   ``(1, Z, Y, X)`` float32 (zeros when ``has_mask`` is False), ``has_mask``, ``label``,
   ``case_id``. Scans differ in shape, so evaluation uses batch size 1.
@@ -215,18 +215,40 @@ class ScanDataset:
 
     @staticmethod
     def _lesion_on_cls_grid(record: CaseRecord, cls_shape: tuple[int, ...]) -> np.ndarray:
-        """float32 ``(N, Hc, Wc)``: the lesion mask sampled like ``cls.npy`` (zeros when unknown)."""
+        """float32 ``(N, Hc, Wc)``: the reference mask by :func:`lesion_on_cls_grid` (zeros when unknown)."""
         if not record.has_mask:
             return np.zeros(cls_shape, dtype=np.float32)
-        from deepsc.data.preprocess import classification_input
-
-        return classification_input(_load(record, "lesion.npy"), cls_shape[0], cls_shape[1:])
+        return lesion_on_cls_grid(_load(record, "lesion.npy"), cls_shape)
 
     @staticmethod
     def _lesion(record: CaseRecord, shape: tuple[int, ...]) -> np.ndarray:
         if not record.has_mask:
             return np.zeros(shape, dtype=np.float32)
         return _load(record, "lesion.npy").astype(np.float32)
+
+
+def lesion_on_cls_grid(lesion: np.ndarray, cls_shape: Sequence[int]) -> np.ndarray:
+    """float32 ``(N, Hc, Wc)``: a whole-scan lesion map area-averaged onto the classification grid.
+
+    This is the map the classifier reads at inference: :meth:`deepsc.model.DeepSC.infer_scan`
+    pastes the tiles' lesion probabilities with :func:`deepsc.model.coords.paste_into_grid`,
+    and pasting the whole scan as one box gives the same cell averages. Sampling the map's
+    slices like ``cls.npy`` (eq. 12) would instead show the classifier about one slice in
+    three in training (46-63 slices onto N = 16 here): small lesions between the sampled
+    slices vanish, and the ones hit look denser than the averaged map inference gives.
+
+    Args:
+        lesion: ``(Z, Y, X)`` lesion mask or probability, values in [0, 1].
+        cls_shape: ``(N, Hc, Wc)``.
+    """
+    import torch
+
+    from deepsc.model.coords import paste_into_grid
+
+    volume = torch.from_numpy(np.ascontiguousarray(lesion, dtype=np.float32))[None, None]
+    whole_scan = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 1.0]])
+    with torch.no_grad():
+        return paste_into_grid(volume, whole_scan, tuple(int(v) for v in cls_shape))[0][0, 0].numpy()
 
 
 def predicted_lesion_context(segment: Any, records: Sequence[CaseRecord], cls_shape: Sequence[int]) -> dict[str, np.ndarray]:
@@ -242,10 +264,7 @@ def predicted_lesion_context(segment: Any, records: Sequence[CaseRecord], cls_sh
         records: the training scans.
         cls_shape: ``(N, Hc, Wc)``.
     """
-    from deepsc.data.preprocess import classification_input
-
-    return {r.case_id: classification_input(segment(_load(r, "image.npy").astype(np.float32)), cls_shape[0], cls_shape[1:])
-            for r in records}
+    return {r.case_id: lesion_on_cls_grid(segment(_load(r, "image.npy").astype(np.float32)), cls_shape) for r in records}
 
 
 # --------------------------------------------------------------------------- reading
