@@ -46,7 +46,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "wide": {"model.seg_widths": [24, 48, 96, 192]},
     "noflip": {"train.flip_prob": 0.0},
     "reference_context": {"train.lesion_context": "reference"},
-    "cls32": {"preprocess.cls_slices": 32},  # needs a cohort preprocessed with it (--preprocessed)
+    "cls32": {"preprocess.cls_slices": 32},
+    "cls_on_predicted": {"train.pretrain_cls.lesion_context": "predicted"},  # stage-1 classifier on stage-1 segmentations  # needs a cohort preprocessed with it (--preprocessed)
     # the spread of one training run: the default settings with other seeds
     "seed1": {"train.seed": 1},
     "seed2": {"train.seed": 2},
@@ -126,7 +127,8 @@ def run_variant(name: str, overrides: dict[str, Any], scale: float | None, stage
         folders = {"pretrain-seg": Path(seg_from)}
         chosen = ("pretrain-cls", "finetune")
     for stage in chosen:
-        init = {"seg": folders["pretrain-seg"], "cls": folders["pretrain-cls"]} if stage == "finetune" else None
+        init = ({"seg": folders["pretrain-seg"], "cls": folders["pretrain-cls"]} if stage == "finetune"
+                else {"seg": folders["pretrain-seg"]} if stage == "pretrain-cls" else None)
         prepared = prepare_stage(stage, Path(preprocessed), Path(split), params, init)
         folders[stage] = Path(out_root) / name / stage
         section = train[STAGE_SECTION[stage]]

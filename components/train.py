@@ -19,14 +19,17 @@ def pretrain_seg(preprocessed: Input[Dataset], split_table: Input[Dataset], para
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def pretrain_cls(preprocessed: Input[Dataset], split_table: Input[Dataset], params: Input[Artifact], model: Output[Model]):
-    """Stage 1b: inception(cls) + classification subnet, class-weighted cross-entropy."""
+def pretrain_cls(preprocessed: Input[Dataset], split_table: Input[Dataset], params: Input[Artifact], seg_init: Input[Model],
+                 model: Output[Model]):
+    """Stage 1b: inception(cls) + classification subnet, class-weighted cross-entropy (``seg_init``
+    is read with ``train.pretrain_cls.lesion_context: predicted``)."""
     from pathlib import Path
 
     from deepsc.config import load_params
     from deepsc.train.stages import train_stage
 
-    train_stage("pretrain-cls", Path(preprocessed.path), Path(split_table.path), Path(model.path), load_params(params.path))
+    train_stage("pretrain-cls", Path(preprocessed.path), Path(split_table.path), Path(model.path), load_params(params.path),
+                init_from={"seg": Path(seg_init.path)})
     model.metadata.update({"stage": "pretrain-cls", "framework": "pytorch"})
 
 

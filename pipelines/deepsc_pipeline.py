@@ -1,6 +1,6 @@
 """The DeepSC-COVID training pipeline for Kubeflow Pipelines v2.
 
-fetch_data -> validate -> split -> preprocess -> pretrain_seg + pretrain_cls -> finetune
+fetch_data -> validate -> split -> preprocess -> pretrain_seg -> pretrain_cls -> finetune
 -> evaluate -> register. Training steps ask for a GPU node (accelerator type and limit, node
 selector, toleration); every step has CPU and memory requests. Volumes and models travel as
 artifacts, never as parameters. Compile with `deepsc pipeline compile`.
@@ -55,7 +55,7 @@ def deepsc_pipeline(
     prep = _resources(preprocess(cohort=data.outputs["cohort"], params=params), "4", "16Gi").after(gate)
     common = dict(preprocessed=prep.outputs["preprocessed"], split_table=splits.outputs["split_table"], params=params)
     seg = _on_gpu(_resources(pretrain_seg(**common), "8", "32Gi"))
-    cls = _on_gpu(_resources(pretrain_cls(**common), "8", "32Gi"))
+    cls = _on_gpu(_resources(pretrain_cls(seg_init=seg.outputs["model"], **common), "8", "32Gi"))
     joint = _on_gpu(_resources(finetune(seg_init=seg.outputs["model"], cls_init=cls.outputs["model"], **common), "8", "32Gi"))
     evaluation = _on_gpu(_resources(evaluate(cohort=data.outputs["cohort"], model=joint.outputs["model"], **common), "8", "32Gi"))
     _resources(register(model=joint.outputs["model"], evaluation=evaluation.outputs["evaluation"], params=params), "1", "2Gi")

@@ -106,6 +106,28 @@ def test_grid_shares_stage1_models_and_nests_runs(tmp_path):
     assert list(again["run_id"]) == list(summary["run_id"])  # finished variants are not trained again
 
 
+def test_grid_pretrains_a_classifier_on_each_variants_own_segmentation(tmp_path):
+    """train.pretrain_cls.lesion_context: predicted: the given stage-1 classifier serves the
+    variants that share its segmentation; a variant with its own stage-1 segmentation (plain
+    conv) gets a classifier pre-trained on that one's maps, cached under its weights' hash."""
+    from test_train import _cls_context, tiny_params, write_tiny_cohort
+
+    from deepsc.train.ablation import PRETRAIN_CACHE, run_ablation_grid, stale_pretrain_folders
+    from deepsc.train.stages import read_config, train_stage, weights_sha256
+
+    pre, split = write_tiny_cohort(tmp_path)
+    params = _cls_context(tiny_params(tmp_path), "predicted")
+    seg = train_stage("pretrain-seg", pre, split, tmp_path / "seg", params, progress=False)
+    init = {"seg": seg, "cls": train_stage("pretrain-cls", pre, split, tmp_path / "cls", params, {"seg": seg}, progress=False)}
+    rows = run_ablation_grid(pre, split, tmp_path / "ablation", params, ["lambda_ta_0", "no_inception"], init,
+                             progress=False).set_index("variant")
+    assert rows.loc["lambda_ta_0", "cls_init"] == str(init["cls"])
+    own_seg, own_cls = Path(rows.loc["no_inception", "seg_init"]), Path(rows.loc["no_inception", "cls_init"])
+    assert PRETRAIN_CACHE in str(own_seg) and own_cls.name.endswith(f"-from-{weights_sha256({'s': own_seg})['s'][:12]}")
+    assert read_config(own_cls)["init_sha256"] == weights_sha256({"seg": own_seg})
+    assert stale_pretrain_folders(tmp_path / "ablation", params) == []
+
+
 def test_grid_trains_a_variant_again_when_its_stage1_weights_or_code_change(tmp_path, monkeypatch):
     """The grid folder persists between `dvc repro` runs: a finished variant is re-used only
     while the stage-1 weights it started from and the training code are the same."""

@@ -499,6 +499,75 @@ def test_joint_finetune_completes_the_lesion_map_with_the_stage1_segmentation(tr
                       apply_overrides(trained["params"], {"train.lesion_context": "oracle"}), stage1)
 
 
+def _cls_context(params: dict, source: str) -> dict:
+    """``params`` with ``train.pretrain_cls.lesion_context: source`` (tiny_params replaces the section)."""
+    import copy
+
+    params = copy.deepcopy(params)
+    params["train"]["pretrain_cls"]["lesion_context"] = source
+    return params
+
+
+def test_stage1_classifier_reads_the_stage1_segmentation_only_when_told(trained):
+    """train.pretrain_cls.lesion_context: predicted -> the pretrain-seg folder's whole-scan maps
+    (the ones fine-tuning reads) for every training scan, its weights part of the run's identity;
+    reference (default) -> the masks, and a pretrain-seg folder passed anyway is not read."""
+    import numpy as np
+
+    from deepsc.config import apply_overrides
+    from deepsc.train.stages import prepare_stage
+
+    args = (trained["pre"], trained["split"])
+    predicted_params = _cls_context(trained["params"], "predicted")
+    predicted = prepare_stage("pretrain-cls", *args, predicted_params, {"seg": trained["seg"]})
+    finetune = prepare_stage("finetune", *args, trained["params"], {"seg": trained["seg"], "cls": trained["cls"]})
+    assert predicted.dataset.lesion_context.keys() == {r.case_id for r in predicted.dataset.records}
+    for case_id, lesion_map in finetune.dataset.lesion_context.items():
+        np.testing.assert_array_equal(predicted.dataset.lesion_context[case_id], lesion_map)
+    assert set(predicted.config["init_sha256"]) == {"seg"}
+
+    reference = prepare_stage("pretrain-cls", *args, trained["params"], {"seg": trained["seg"]})
+    assert reference.dataset.lesion_context == {} and reference.config["init_sha256"] == {}
+    image_only = apply_overrides(predicted_params, {"train.task": "cls"})  # w/o Seg never gets a map
+    assert prepare_stage("pretrain-cls", *args, image_only, {"seg": trained["seg"]}).dataset.lesion_context == {}
+    with pytest.raises(ConfigError, match="--seg-init"):
+        prepare_stage("pretrain-cls", *args, predicted_params)
+    with pytest.raises(InputError, match="pretrain-seg"):
+        prepare_stage("pretrain-cls", *args, predicted_params, {"seg": trained["cls"]})
+    with pytest.raises(ConfigError, match="pretrain_cls.lesion_context"):
+        prepare_stage("pretrain-cls", *args, _cls_context(trained["params"], "oracle"))
+    with pytest.raises(ConfigError, match="trains from scratch"):
+        prepare_stage("pretrain-seg", *args, trained["params"], {"seg": trained["seg"]})
+
+
+def test_stage1_classifier_on_reference_masks_ignores_a_given_segmentation(trained, tmp_path):
+    """dvc.yaml always passes --seg-init to pretrain-cls: with reference masks the run must end
+    with the weights of a run without it."""
+    import torch
+
+    from deepsc.train.stages import train_stage
+
+    out = train_stage("pretrain-cls", trained["pre"], trained["split"], tmp_path / "cls", trained["params"],
+                      {"seg": trained["seg"]}, progress=False)
+    assert all(torch.equal(v, _state(trained["cls"])[k]) for k, v in _state(out).items())
+
+
+def test_segmenting_the_training_scans_leaves_the_stage_seed_alone(trained):
+    """pretrain-cls on predicted maps segments the scans (building a model) before it seeds
+    itself: its initial weights and random state are those of the reference-mask run."""
+    import torch
+
+    from deepsc.train import stages
+
+    stages._CONTEXT_CACHE.clear()
+    predicted = stages.prepare_stage("pretrain-cls", trained["pre"], trained["split"], _cls_context(trained["params"], "predicted"),
+                                     {"seg": trained["seg"]})
+    after_predicted = torch.random.get_rng_state()
+    reference = stages.prepare_stage("pretrain-cls", trained["pre"], trained["split"], trained["params"])
+    assert predicted.dataset.lesion_context and torch.equal(after_predicted, torch.random.get_rng_state())
+    assert all(torch.equal(v, reference.model.state_dict()[k]) for k, v in predicted.model.state_dict().items())
+
+
 def test_variants_sharing_a_stage1_segmentation_reuse_its_lesion_maps(trained, monkeypatch, tmp_path):
     """The ablation grid fine-tunes variant after variant from one pretrain-seg folder: its
     whole-scan predictions are computed once, and again when the weights change."""
@@ -548,7 +617,7 @@ def test_a_stage_rerun_after_a_code_change_trains_anew(trained, tmp_path, monkey
 
 @pytest.mark.parametrize("stage, source", [("pretrain-seg", "model/network.py"), ("pretrain-cls", "train/engine.py"),
                                            ("baseline-unet", "data/patches.py"), ("finetune", "data/preprocess.py"),
-                                           ("finetune", "inference.py")])
+                                           ("finetune", "inference.py"), ("pretrain-cls", "inference.py")])
 def test_code_key_covers_the_training_sources(stage, source, monkeypatch):
     """An edit to any file the stage trains with gives another code key; others leave it."""
     import pathlib
@@ -564,8 +633,8 @@ def test_code_key_covers_the_training_sources(stage, source, monkeypatch):
 
     edit("evaluate.py")
     assert code_key.__wrapped__(stage) == before
-    if stage != "finetune":
-        edit("inference.py")  # stage 1 and the baselines never segment whole scans
+    if stage not in ("finetune", "pretrain-cls"):
+        edit("inference.py")  # stage-1 segmentation and the baselines never segment whole scans
         assert code_key.__wrapped__(stage) == before
     edit(source)
     assert code_key.__wrapped__(stage) != before

@@ -144,8 +144,9 @@ def stale_pretrain_folders(out_dir: Path, params: Mapping[str, Any]) -> list[Pat
     wanted = {f"{stage}-{settings_key(stage, vparams)[:12]}"
               for vparams in (variant_params(params, overrides) for overrides in ablation_variants(params).values())
               for stage in ("pretrain-seg", "pretrain-cls")}
+    # "<name>-from-<sha>": a classifier pre-trained on a stage-1 segmentation's lesion maps
     return [folder for folder in sorted(cache.iterdir())
-            if folder.is_dir() and folder.name.startswith("pretrain-") and folder.name not in wanted]
+            if folder.is_dir() and folder.name.startswith("pretrain-") and folder.name.split("-from-")[0] not in wanted]
 
 
 def _run_variant(name, overrides, preprocessed, split, out_dir, params, init_from, parent_id, progress) -> dict[str, Any]:
@@ -153,7 +154,8 @@ def _run_variant(name, overrides, preprocessed, split, out_dir, params, init_fro
 
     started = time.perf_counter()
     vparams = variant_params(params, overrides)
-    inits = {task: _stage1_model(task, vparams, preprocessed, split, out_dir, init_from, parent_id, progress) for task in ("seg", "cls")}
+    inits = {"seg": _stage1_model("seg", vparams, preprocessed, split, out_dir, init_from, parent_id, progress)}
+    inits["cls"] = _stage1_model("cls", vparams, preprocessed, split, out_dir, init_from, parent_id, progress, seg_folder=inits["seg"])
     folder = out_dir / name
     if not _finished(folder, "finetune", vparams, preprocessed, split, inits):
         train_stage("finetune", preprocessed, split, folder, vparams, inits, parent_run_id=parent_id, progress=progress)
@@ -173,18 +175,25 @@ def _run_variant(name, overrides, preprocessed, split, out_dir, params, init_fro
     }
 
 
-def _stage1_model(task, vparams, preprocessed, split, out_dir, init_from, parent_id, progress) -> Path:
-    """The stage-1 folder for ``task`` under the variant's settings: given, cached or new."""
-    from deepsc.train.stages import settings_key, train_stage
+def _stage1_model(task, vparams, preprocessed, split, out_dir, init_from, parent_id, progress, seg_folder=None) -> Path:
+    """The stage-1 folder for ``task`` under the variant's settings: given, cached or new. A
+    classifier pre-trained on predicted lesion maps also depends on ``seg_folder``'s weights."""
+    from deepsc.train.stages import lesion_context_source, settings_key, stage_plan, train_stage, weights_sha256
 
     stage = f"pretrain-{task}"
+    reads_seg = (task == "cls" and stage_plan(stage, vparams).teacher_forcing
+                 and lesion_context_source(vparams, stage) == "predicted")
+    inits = {"seg": Path(seg_folder)} if reads_seg else None
     given = Path(init_from[task]) if init_from and task in init_from else None
-    if given is not None and _finished(given, stage, vparams, preprocessed, split):
+    if given is not None and _finished(given, stage, vparams, preprocessed, split, inits):
         return given
-    cache = out_dir / PRETRAIN_CACHE / f"{stage}-{settings_key(stage, vparams)[:12]}"
-    if not _finished(cache, stage, vparams, preprocessed, split):
+    name = f"{stage}-{settings_key(stage, vparams)[:12]}"
+    if inits:  # one cache per stage-1 segmentation it read
+        name += f"-from-{weights_sha256(inits)['seg'][:12]}"
+    cache = out_dir / PRETRAIN_CACHE / name
+    if not _finished(cache, stage, vparams, preprocessed, split, inits):
         log.info("ablation: stage-1 settings differ from %s; pre-training %s in %s", given, stage, cache)
-        train_stage(stage, preprocessed, split, cache, vparams, parent_run_id=parent_id, progress=progress)
+        train_stage(stage, preprocessed, split, cache, vparams, inits, parent_run_id=parent_id, progress=progress)
     return cache
 
 

@@ -5,7 +5,10 @@ Stages (``deepsc train --stage ...``):
 * ``pretrain-seg`` - the segmentation path (its inception block + lesion subnet), task
   ``seg``, segmentation loss only (Dice + focal), lr ``train.pretrain_seg.lr`` (1e-3).
 * ``pretrain-cls`` - the classification path (its inception block + classification subnet),
-  task ``cls``, inverse-frequency weighted cross-entropy only.
+  task ``cls``, inverse-frequency weighted cross-entropy only. Its lesion-map input is the
+  reference mask (``train.pretrain_cls.lesion_context: reference``) or the finished
+  ``pretrain-seg`` model's segmentation of each training scan (``predicted``, as at inference;
+  needs that folder as ``init_from["seg"]``).
 * ``finetune`` - all three subnets together, started from BOTH stage-1 checkpoints
   (``DeepSC.load_stage_weights``; the cross-stitch units start at ``model.cross_stitch_init``),
   task ``joint``, the total loss of eq. 11 (``loss.lambda_*``), lr ``train.finetune.lr`` (1e-4).
@@ -25,6 +28,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,8 @@ from typing import Any, Mapping, Sequence
 
 from deepsc import CLASSES
 from deepsc.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
 
 STAGES = ("pretrain-seg", "pretrain-cls", "finetune")
 TASKS = ("joint", "seg", "cls")
@@ -124,13 +130,14 @@ def hash_settings(keys: Sequence[str], params: Mapping[str, Any], extra: Mapping
 # finished checkpoint of the old code: without this key the stage would "resume" it and train
 # nothing. Each training stage of dvc.yaml lists its sources as deps (tests/test_train.py checks).
 CODE_SOURCES = ("model", "train", "data/patches.py", "data/preprocess.py")
-# fine-tuning also segments the training scans with the stage-1 model (deepsc.inference)
+# fine-tuning (and pretrain-cls on predicted lesion maps) also segments the training scans
+# with the stage-1 model (deepsc.inference)
 FINETUNE_CODE_SOURCES = (*CODE_SOURCES, "inference.py")
 
 
 def code_sources(stage: str) -> tuple[str, ...]:
     """The sources ``stage`` (a DeepSC stage or ``baseline-<kind>``) trains with."""
-    return FINETUNE_CODE_SOURCES if stage == "finetune" else CODE_SOURCES
+    return FINETUNE_CODE_SOURCES if stage in ("finetune", "pretrain-cls") else CODE_SOURCES
 
 
 @functools.lru_cache(maxsize=None)
@@ -256,8 +263,8 @@ def prepare_stage(
     from deepsc.train.engine import EngineConfig, seed_everything
 
     plan = stage_plan(stage, params)
-    context_source = lesion_context_source(params)
-    inits = _stage1_folders(stage, init_from)
+    context_source = lesion_context_source(params, stage)
+    inits = _stage1_folders(stage, init_from, needs_seg=plan.teacher_forcing and context_source == "predicted")
     engine = EngineConfig.from_params(params, STAGE_SECTION[stage])
     records = read_cohort(Path(preprocessed), Path(split), "train")
     check_patch_size(records[0].patch_size, params)
@@ -265,20 +272,22 @@ def prepare_stage(
     flip_prob = float(params.get("train", {}).get("flip_prob", 0.0))
     counts = class_counts(records)
     cohort_key = data_key(Path(preprocessed), Path(split))
-
-    seed_everything(engine.seed)
     model_config = ModelConfig.from_params(params)
-    model = DeepSC(model_config)
-    if inits:
-        model.load_stage_weights(inits["seg"] / "model.pt", inits["cls"] / "model.pt")
     init_sha256 = weights_sha256(inits)
     context = None
-    if plan.stage == "finetune" and plan.teacher_forcing and context_source == "predicted":
+    if plan.teacher_forcing and context_source == "predicted":
+        # before seeding: segmenting the scans must not move the stage's random draws
         key = (init_sha256["seg"], cohort_key, model_config.patch_size, model_config.cls_shape)
         if key not in _CONTEXT_CACHE:
             _CONTEXT_CACHE.clear()  # one entry: the ablation grid fine-tunes variant after variant from it
-            _CONTEXT_CACHE[key] = predicted_lesion_context(_stage1_segmenter(model), records, model_config.cls_shape)
+            segmenter, _ = load_model(inits["seg"])
+            _CONTEXT_CACHE[key] = predicted_lesion_context(_stage1_segmenter(segmenter), records, model_config.cls_shape)
         context = _CONTEXT_CACHE[key]
+
+    seed_everything(engine.seed)
+    model = DeepSC(model_config)
+    if plan.stage == "finetune":
+        model.load_stage_weights(inits["seg"] / "model.pt", inits["cls"] / "model.pt")
     dataset = ScanDataset(records, "train", lesion_patch_prob, engine.seed, flip_prob=flip_prob, lesion_context=context,
                           patch_sampling=patch_sampling_setting(params, STAGE_SECTION[stage]))
     adapter = DeepSCAdapter(plan, LossConfig.from_params(params, class_counts=counts))
@@ -307,14 +316,22 @@ LESION_CONTEXTS = ("predicted", "reference")
 _CONTEXT_CACHE: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 
-def lesion_context_source(params: Mapping[str, Any]) -> str:
-    """``train.lesion_context``: what completes the classifier's lesion map outside the patch in
-    joint fine-tuning: ``predicted`` (the stage-1 segmentation of the whole scan, as at
-    inference) or ``reference`` (the reference mask)."""
-    source = str(params.get("train", {}).get("lesion_context", "predicted"))
+def lesion_context_source(params: Mapping[str, Any], stage: str = "finetune") -> str:
+    """What the classifier's lesion map is made of in training: ``predicted`` (the stage-1
+    segmentation of the whole scan, as at inference) or ``reference`` (the reference mask).
+
+    ``finetune``: ``train.lesion_context`` (default predicted) completes the map outside the
+    training patch. ``pretrain-cls``: ``train.pretrain_cls.lesion_context`` (default reference)
+    is the whole map, as no segmentation path runs in that stage.
+    """
+    train = params.get("train", {}) or {}
+    if stage == "pretrain-cls":
+        key, source = "train.pretrain_cls.lesion_context", (train.get("pretrain_cls") or {}).get("lesion_context", "reference")
+    else:
+        key, source = "train.lesion_context", train.get("lesion_context", "predicted")
     if source not in LESION_CONTEXTS:
-        raise ConfigError(f"train.lesion_context must be one of {', '.join(LESION_CONTEXTS)}, got {source!r}")
-    return source
+        raise ConfigError(f"{key} must be one of {', '.join(LESION_CONTEXTS)}, got {source!r}")
+    return str(source)
 
 
 def _stage1_segmenter(model: Any) -> Any:
@@ -435,19 +452,31 @@ def read_config(folder: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _stage1_folders(stage: str, init_from: Mapping[str, Path] | None) -> dict[str, Path]:
-    if stage != "finetune":
-        if init_from:
-            raise ConfigError(f"{stage} trains from scratch; init_from is only for finetune")
+def _stage1_folders(stage: str, init_from: Mapping[str, Path] | None, needs_seg: bool = False) -> dict[str, Path]:
+    """The stage-1 folders ``stage`` reads, checked: both for finetune; for pretrain-cls the
+    pretrain-seg folder whose segmentation it reads (``needs_seg``; one given otherwise is not
+    read, so a pipeline can always pass it); none for pretrain-seg."""
+    given = {task: Path(path) for task, path in (init_from or {}).items()}
+    if stage == "finetune":
+        if set(given) != {"seg", "cls"}:
+            raise ConfigError("finetune needs both stage-1 folders: --seg-init (pretrain-seg) and --cls-init (pretrain-cls)")
+    elif stage == "pretrain-cls" and needs_seg:
+        if set(given) != {"seg"}:
+            raise ConfigError("pretrain-cls with train.pretrain_cls.lesion_context: predicted needs the pretrain-seg "
+                              "folder whose segmentation the classifier reads (--seg-init), and no other")
+    elif stage == "pretrain-cls" and set(given) <= {"seg"}:
+        if given:
+            log.info("pretrain-cls reads reference lesion masks (train.pretrain_cls.lesion_context); %s is not read", given["seg"])
         return {}
-    if not init_from or set(init_from) != {"seg", "cls"}:
-        raise ConfigError("finetune needs both stage-1 folders: --seg-init (pretrain-seg) and --cls-init (pretrain-cls)")
-    folders = {task: Path(path) for task, path in init_from.items()}
-    for task, folder in folders.items():
+    else:
+        if given:
+            raise ConfigError(f"{stage} trains from scratch; init_from is only for finetune (and pretrain-cls's --seg-init)")
+        return {}
+    for task, folder in given.items():
         expected = f"pretrain-{task}"
         if read_config(folder).get("stage") != expected:
             raise InputError(str(folder), f"is not a {expected} model folder (config.json stage differs)")
-    return folders
+    return given
 
 
 def _dotted(params: Mapping[str, Any], key: str) -> Any:
@@ -477,7 +506,8 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preprocessed", type=Path, default=Path("outputs/preprocessed"))
     parser.add_argument("--split", type=Path, default=Path("outputs/split.csv"))
     parser.add_argument("--out", type=Path, required=True, help="output folder (resumed when it holds last.pt)")
-    parser.add_argument("--seg-init", type=Path, default=None, help="finetune: the pretrain-seg folder")
+    parser.add_argument("--seg-init", type=Path, default=None,
+                        help="finetune, and pretrain-cls with train.pretrain_cls.lesion_context predicted: the pretrain-seg folder")
     parser.add_argument("--cls-init", type=Path, default=None, help="finetune: the pretrain-cls folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
