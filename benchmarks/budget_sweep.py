@@ -46,8 +46,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "wide": {"model.seg_widths": [24, 48, 96, 192]},
     "noflip": {"train.flip_prob": 0.0},
     "reference_context": {"train.lesion_context": "reference"},
-    "cls32": {"preprocess.cls_slices": 32},
-    "cls_on_predicted": {"train.pretrain_cls.lesion_context": "predicted"},  # stage-1 classifier on stage-1 segmentations  # needs a cohort preprocessed with it (--preprocessed)
+    "cls32": {"preprocess.cls_slices": 32},  # needs a cohort preprocessed with it (--preprocessed)
+    "cls_on_predicted": {"train.pretrain_cls.lesion_context": "predicted"},  # stage-1 classifier on stage-1 segmentations
     # the spread of one training run: the default settings with other seeds
     "seed1": {"train.seed": 1},
     "seed2": {"train.seed": 2},
