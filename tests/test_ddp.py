@@ -80,15 +80,16 @@ def test_engine_two_gloo_processes_agree(tmp_path):
     assert strip(histories[0]) == strip(histories[1])
 
 
-def _fake_stage1(folder: Path, stage: str, state: dict) -> Path:
-    """A stage-1 folder holding random weights (the test needs the format, not a trained model)."""
+def _fake_stage1(folder: Path, stage: str, state: dict, params: dict) -> Path:
+    """A stage-1 folder holding random weights (the test needs the format, not a trained model;
+    fine-tuning rebuilds the stage-1 segmenter from its config to segment the training scans)."""
     import json
 
     import torch
 
     folder.mkdir()
     torch.save(state, folder / "model.pt")
-    (folder / "config.json").write_text(json.dumps({"stage": stage}))
+    (folder / "config.json").write_text(json.dumps({"kind": "deepsc", "stage": stage, "params": params}))
     return folder
 
 
@@ -105,9 +106,10 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path, stage):
         pytest.skip("torch.distributed is not available")
     write_tiny_cohort(tmp_path)
     if stage == "finetune":  # joint task: every parameter, DDP without find_unused_parameters
-        state = DeepSC(ModelConfig.from_params(tiny_params(tmp_path))).state_dict()
-        _fake_stage1(tmp_path / "seg_init", "pretrain-seg", state)
-        _fake_stage1(tmp_path / "cls_init", "pretrain-cls", state)
+        params = tiny_params(tmp_path)
+        state = DeepSC(ModelConfig.from_params(params)).state_dict()
+        _fake_stage1(tmp_path / "seg_init", "pretrain-seg", state, params)
+        _fake_stage1(tmp_path / "cls_init", "pretrain-cls", state, params)
     mp.spawn(_worker, args=(_free_port(), str(tmp_path), stage), nprocs=WORLD, join=True)
 
     states = [torch.load(tmp_path / f"{stage}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
