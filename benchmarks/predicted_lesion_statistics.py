@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-NON_FEATURES = ("case_id", "label", "lung_ml", "model_decision", "prob_covid", "prob_cap", "prob_normal")
+MODEL_COLUMNS = ("model_decision", "prob_covid", "prob_cap", "prob_normal")  # DeepSC's own output, not a feature
 
 
 def predicted_rows(model: Path, manifest: Path, params: dict[str, Any], cache: Path) -> Any:
@@ -49,10 +49,10 @@ def predicted_rows(model: Path, manifest: Path, params: dict[str, Any], cache: P
     from deepsc.data.io import read_ct
     from deepsc.data.manifest import load_manifest
     from deepsc.diagnose import diagnose_volume, load_predictor
+    from deepsc.registry import file_sha256
 
-    weights = hashlib.sha256((model / "model.pt").read_bytes()).hexdigest()[:12]
-    key = hashlib.sha256(f"{manifest.resolve()}|{weights}".encode()).hexdigest()[:12]
-    cached = cache / f"{manifest.parent.name}-{weights}-{key}.csv"
+    key = hashlib.sha256(f"{manifest.resolve()}|{file_sha256(model / 'model.pt')}".encode()).hexdigest()[:12]
+    cached = cache / f"{manifest.parent.name}-{key}.csv"
     if cached.is_file():
         return pd.read_csv(cached)
     predictor, _ = load_predictor(model, params)
@@ -77,8 +77,10 @@ def predicted_rows(model: Path, manifest: Path, params: dict[str, Any], cache: P
 
 def features(frame: Any, columns: list[str] | None = None) -> tuple[Any, list[str]]:
     """Numeric statistics, NaN (no predicted lesion: HU fractions, PLR, spread) as 0."""
+    from class_separability import feature_columns
+
     if columns is None:
-        columns = [c for c in frame.columns if c not in NON_FEATURES and frame[c].dtype.kind in "if"]
+        columns = [c for c in feature_columns(frame) if c not in MODEL_COLUMNS]
     return frame[columns].fillna(0.0).to_numpy(), columns
 
 

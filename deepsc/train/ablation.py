@@ -178,12 +178,10 @@ def _run_variant(name, overrides, preprocessed, split, out_dir, params, init_fro
 def _stage1_model(task, vparams, preprocessed, split, out_dir, init_from, parent_id, progress, seg_folder=None) -> Path:
     """The stage-1 folder for ``task`` under the variant's settings: given, cached or new. A
     classifier pre-trained on predicted lesion maps also depends on ``seg_folder``'s weights."""
-    from deepsc.train.stages import lesion_context_source, settings_key, stage_plan, train_stage, weights_sha256
+    from deepsc.train.stages import reads_stage1_segmentation, settings_key, train_stage, weights_sha256
 
     stage = f"pretrain-{task}"
-    reads_seg = (task == "cls" and stage_plan(stage, vparams).teacher_forcing
-                 and lesion_context_source(vparams, stage) == "predicted")
-    inits = {"seg": Path(seg_folder)} if reads_seg else None
+    inits = {"seg": Path(seg_folder)} if reads_stage1_segmentation(stage, vparams) else None
     given = Path(init_from[task]) if init_from and task in init_from else None
     if given is not None and _finished(given, stage, vparams, preprocessed, split, inits):
         return given

@@ -263,8 +263,8 @@ def prepare_stage(
     from deepsc.train.engine import EngineConfig, seed_everything
 
     plan = stage_plan(stage, params)
-    context_source = lesion_context_source(params, stage)
-    inits = _stage1_folders(stage, init_from, needs_seg=plan.teacher_forcing and context_source == "predicted")
+    reads_segmentation = reads_stage1_segmentation(stage, params)
+    inits = _stage1_folders(stage, init_from, needs_seg=reads_segmentation)
     engine = EngineConfig.from_params(params, STAGE_SECTION[stage])
     records = read_cohort(Path(preprocessed), Path(split), "train")
     check_patch_size(records[0].patch_size, params)
@@ -275,7 +275,7 @@ def prepare_stage(
     model_config = ModelConfig.from_params(params)
     init_sha256 = weights_sha256(inits)
     context = None
-    if plan.teacher_forcing and context_source == "predicted":
+    if reads_segmentation:
         # before seeding: segmenting the scans must not move the stage's random draws
         key = (init_sha256["seg"], cohort_key, model_config.patch_size, model_config.cls_shape)
         if key not in _CONTEXT_CACHE:
@@ -332,6 +332,13 @@ def lesion_context_source(params: Mapping[str, Any], stage: str = "finetune") ->
     if source not in LESION_CONTEXTS:
         raise ConfigError(f"{key} must be one of {', '.join(LESION_CONTEXTS)}, got {source!r}")
     return str(source)
+
+
+def reads_stage1_segmentation(stage: str, params: Mapping[str, Any]) -> bool:
+    """Whether ``stage`` trains its classifier on the stage-1 segmentation of the training scans
+    (and so needs the pretrain-seg folder): a classifier that reads lesion maps, set to ``predicted``."""
+    source = lesion_context_source(params, stage)  # checked even where no classifier reads it
+    return stage_plan(stage, params).teacher_forcing and source == "predicted"
 
 
 def _stage1_segmenter(model: Any) -> Any:
