@@ -202,3 +202,17 @@ def test_bad_inputs_and_folders_are_clear_errors(tmp_path):
     (folder / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="cannot"):
         Predictor.from_dir(folder, device="cpu")
+
+
+@pytest.mark.parametrize(("text", "problem"), [("{not json", "not valid JSON"), ('{"stage": "finetune"}', "no 'params'"),
+                                                ("[1, 2]", "no 'params'")])
+def test_a_broken_config_json_names_the_file_and_the_problem(tmp_path, text, problem):
+    from deepsc.inference import Predictor
+    from deepsc.train.stages import load_model
+
+    folder = make_model_dir(tmp_path / "m")
+    (folder / "config.json").write_text(text)
+    for load in (load_model, Predictor.from_dir):
+        with pytest.raises(InputError, match=problem) as caught:
+            load(folder)
+        assert "config.json" in str(caught.value)

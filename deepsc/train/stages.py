@@ -456,7 +456,14 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file() or not (Path(folder) / "model.pt").is_file():
         raise InputError(str(folder), "is not a trained model folder (needs config.json and model.pt)")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(str(path), f"is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("params"), dict):
+        raise InputError(str(path), "has no 'params' mapping (the settings the model was built with): "
+                                    "not written by deepsc train / deepsc baseline")
+    return config
 
 
 def _stage1_folders(stage: str, init_from: Mapping[str, Path] | None, needs_seg: bool = False) -> dict[str, Path]:
