@@ -38,7 +38,9 @@ and its left-right mirror image (X flipped, as in training's augmentation) both 
 model, and the lesion probability (flipped back) and class probabilities are averaged, as
 nnU-Net does. Twice the time, about one Dice point more on the synthetic cohort. Evidence maps
 come from the pass whose own decision matches the averaged one (the un-mirrored pass first),
-so they always explain the class reported.
+so they always explain the class reported; when neither pass decided that class (possible with
+three classes: (.45, .15, .40) and (.15, .45, .40) average to class 2), the un-mirrored scan
+runs once more for the maps of the reported class.
 """
 
 from __future__ import annotations
@@ -252,11 +254,17 @@ class Predictor:
             return plain
         mirrored = self._predict_once(np.ascontiguousarray(image[..., ::-1]), np.ascontiguousarray(cls_arr[..., ::-1]),
                                       with_evidence)
-        return _average_with_mirror(plain, mirrored)
+        averaged = _average_with_mirror(plain, mirrored)
+        if plain.evidence is not None and averaged.evidence is None:  # neither pass decided the reported class
+            again = self._predict_once(image, cls_arr, True, evidence_class=averaged.predicted_class)
+            averaged = dataclasses.replace(averaged, evidence=again.evidence)
+        return averaged
 
-    def _predict_once(self, image: np.ndarray, cls_arr: np.ndarray, with_evidence: bool) -> CasePrediction:
+    def _predict_once(self, image: np.ndarray, cls_arr: np.ndarray, with_evidence: bool,
+                      evidence_class: int | None = None) -> CasePrediction:
+        """One pass; evidence maps of ``evidence_class`` (default: the class this pass predicts)."""
         if self.kind == "deepsc" and self.task == "joint":
-            return self._predict_joint(image, cls_arr, with_evidence)
+            return self._predict_joint(image, cls_arr, with_evidence, evidence_class)
         lesion_prob = seconds_seg = class_prob = evidence = seconds_cls = None
         if self.has_segmentation:
             started = self._clock()
@@ -264,11 +272,12 @@ class Predictor:
             seconds_seg = self._clock() - started
         if self.has_classification:
             started = self._clock()
-            class_prob, evidence = self._classify(cls_arr, image.shape, with_evidence)
+            class_prob, evidence = self._classify(cls_arr, image.shape, with_evidence, evidence_class)
             seconds_cls = self._clock() - started
         return CasePrediction(lesion_prob, class_prob, evidence, seconds_seg, seconds_cls)
 
-    def _predict_joint(self, image: np.ndarray, cls_arr: np.ndarray, with_evidence: bool) -> CasePrediction:
+    def _predict_joint(self, image: np.ndarray, cls_arr: np.ndarray, with_evidence: bool,
+                       evidence_class: int | None = None) -> CasePrediction:
         import torch
 
         started = self._clock()
@@ -279,6 +288,7 @@ class Predictor:
             chunk_size=self.chunk_size,
             with_evidence=with_evidence,
             overlap=self.overlap,
+            evidence_class=evidence_class,
         )
         seconds = self._clock() - started
         evidence = [np.asarray(v, dtype=np.float32) for v in out["evidence"]] if with_evidence else None
@@ -297,15 +307,16 @@ class Predictor:
             return stitch_patch_predictions(image, self.patch_size, self.chunk_size,
                                             lambda batch: torch.sigmoid(forward(batch.to(self.device))), self.overlap)
 
-    def _classify(self, cls_arr: np.ndarray, scan_shape: Sequence[int],
-                  with_evidence: bool) -> tuple[np.ndarray, list[np.ndarray] | None]:
+    def _classify(self, cls_arr: np.ndarray, scan_shape: Sequence[int], with_evidence: bool,
+                  evidence_class: int | None = None) -> tuple[np.ndarray, list[np.ndarray] | None]:
         import torch
 
         x = torch.from_numpy(cls_arr)[None, None].to(self.device)
         with torch.no_grad():
             if self.kind != "deepsc":
                 return torch.softmax(self.model(x).float(), dim=1)[0].cpu().numpy().astype(np.float32), None
-            out = self.model(x, None, None, task="cls")
+            target = None if evidence_class is None else torch.tensor([int(evidence_class)])
+            out = self.model(x, None, None, task="cls", target=target)
             probs = torch.softmax(out["cls_logit"].float(), dim=1)[0].cpu().numpy().astype(np.float32)
             evidence = evidence_from_cams(out["cams"], scan_shape) if with_evidence else None
         return probs, evidence
@@ -337,7 +348,8 @@ def _average_with_mirror(plain: CasePrediction, mirrored: CasePrediction) -> Cas
     probs = None if plain.class_prob is None else (plain.class_prob + mirrored.class_prob) / 2
     evidence = plain.evidence
     if probs is not None and plain.evidence is not None and plain.predicted_class != int(np.argmax(probs)):
-        evidence = [unflip(v) for v in mirrored.evidence]
+        # the mirrored pass's maps if it decided the reported class; None tells predict_case to make them
+        evidence = [unflip(v) for v in mirrored.evidence] if mirrored.predicted_class == int(np.argmax(probs)) else None
     return CasePrediction(lesion, probs, evidence, total(plain.seconds_seg, mirrored.seconds_seg),
                           total(plain.seconds_cls, mirrored.seconds_cls))
 

@@ -84,6 +84,7 @@ def write_dicom_series(
     z_positions: Sequence[float] | None = None,
     rescale: tuple[float, float] = (1.0, -1024.0),
     patient_id: str = "SYNTH",
+    extra: dict | None = None,
 ) -> list[Path]:
     """Write a ``(Z, Y, X)`` LPS HU volume as an axial, uncompressed DICOM series.
 
@@ -91,6 +92,7 @@ def write_dicom_series(
     scanners do. ``z_positions`` overrides each slice's z (LPS mm, in ``hu`` order) to build
     gaps or duplicates; ``file_names`` (in InstanceNumber order) overrides ``IM0001.dcm`` ...
     ``rescale`` is (slope, intercept): stored values are ``(HU - intercept) / slope`` as int16.
+    ``extra`` sets further header elements on every slice (keyword: value).
     """
     import pydicom
     from pydicom.dataset import FileMetaDataset
@@ -126,6 +128,8 @@ def write_dicom_series(
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
         stored = np.round((hu[k] - intercept) / slope).astype(np.int16)
         ds.PixelData = stored.tobytes()
+        for keyword, value in (extra or {}).items():
+            setattr(ds, keyword, value)
         name = file_names[instance - 1] if file_names is not None else f"IM{instance:04d}.dcm"
         ds.save_as(folder / name, enforce_file_format=True)
         paths.append(folder / name)
@@ -141,6 +145,8 @@ def _patch_nifti_header(path: Path, offset: int, fmt: str, values: Sequence[floa
 
 _PIXDIM_OFFSET = 76  # NIfTI-1: float32 pixdim[8]
 _DIM_OFFSET = 40     # NIfTI-1: int16 dim[8]
+_VOX_OFFSET_OFFSET = 108  # NIfTI-1: float32 vox_offset
+_QFORM_CODE_OFFSET = 252  # NIfTI-1: int16 qform_code, then int16 sform_code
 
 
 # --------------------------------------------------------------------------- the broken inputs
@@ -177,6 +183,18 @@ def write_windowed_0_255(folder: Path) -> BrokenInput:
     """A screenshot-like volume already windowed to 0..255: readable; validation must flag it."""
     hu = np.clip((ct_phantom() + 1000.0) / 1040.0 * 255.0, 0, 255).astype(np.uint8)  # window [-1000, 40]
     return BrokenInput("windowed_0_255", write_nifti(folder / "windowed_0_255.nii.gz", hu), "image", "ok", "")
+
+
+def write_nan_vox_offset(folder: Path) -> BrokenInput:
+    path = write_nifti(folder / "nan_vox_offset.nii", ct_phantom())
+    _patch_nifti_header(path, _VOX_OFFSET_OFFSET, "<f", [float("nan")])
+    return BrokenInput("nan_vox_offset", path, "image", "error", r"invalid NIfTI header \(vox_offset = nan")
+
+
+def write_nifti_without_orientation(folder: Path) -> BrokenInput:
+    path = write_nifti(folder / "no_orientation.nii", ct_phantom())
+    _patch_nifti_header(path, _QFORM_CODE_OFFSET, "<hh", [0, 0])  # qform_code, sform_code
+    return BrokenInput("nifti_without_orientation", path, "image", "warning", r"left and right are unknown.*LAS")
 
 
 def write_mr_like(folder: Path) -> BrokenInput:
@@ -357,6 +375,27 @@ def write_dicom_mr(folder: Path) -> BrokenInput:
     return BrokenInput("dicom_mr", folder / "dicom_mr", "image", "error", r"modality MR, not CT")
 
 
+def outside_field_of_view() -> np.ndarray:
+    """``(Y, X)`` pixels outside the circle a scanner reconstructs (the corners of the phantom)."""
+    yy, xx = np.mgrid[0 : SHAPE[1], 0 : SHAPE[2]]
+    return (yy - (SHAPE[1] - 1) / 2) ** 2 + (xx - (SHAPE[2] - 1) / 2) ** 2 > (SHAPE[2] / 2) ** 2
+
+
+def write_dicom_padding(folder: Path) -> BrokenInput:
+    """Pixel Padding Value -2000 (-3024 HU) outside a circular field of view, as scanners write it."""
+    hu = ct_phantom()
+    outside = outside_field_of_view()
+    hu[:, outside] = -3024.0
+    write_dicom_series(folder / "dicom_padding", hu, extra={"PixelPaddingValue": -2000})
+    return BrokenInput("dicom_padding", folder / "dicom_padding", "image", "warning",
+                       rf"{SHAPE[0] * int(outside.sum()):,} voxels hold the Pixel Padding Value")
+
+
+def write_dicom_colour(folder: Path) -> BrokenInput:
+    write_dicom_series(folder / "dicom_colour", ct_phantom(), extra={"SamplesPerPixel": 3, "PhotometricInterpretation": "RGB"})
+    return BrokenInput("dicom_colour", folder / "dicom_colour", "image", "error", r"colour image \(3 samples per pixel\)")
+
+
 def write_dicom_truncated_slice(folder: Path) -> BrokenInput:
     paths = write_dicom_series(folder / "dicom_truncated", ct_phantom())
     payload = paths[4].read_bytes()
@@ -398,10 +437,12 @@ def write_manifest_bad_rows(folder: Path) -> BrokenInput:
         "case_b,flu,good.nii.gz,,,synthetic",
         "case_c,normal,missing.nii.gz,,,synthetic",
         "case d,normal,good.nii.gz,,,synthetic",
+        "..,normal,good.nii.gz,,,synthetic",
     ]
     path = target / "manifest.csv"
     path.write_text("\n".join(rows) + "\n")
-    problem = r"(?s)^(?=.*4 problem)(?=.*'case_a' appears in rows 1, 2)(?=.*'flu')(?=.*missing\.nii\.gz)(?=.*'case d')"
+    problem = (r"(?s)^(?=.*5 problem)(?=.*'case_a' appears in rows 1, 2)(?=.*'flu')(?=.*missing\.nii\.gz)(?=.*'case d')"
+               r"(?=.*'\.\.'\): case_id .* may not start with '\.')")
     return BrokenInput("manifest_bad_rows", path, "manifest", "error", problem)
 
 
@@ -414,12 +455,14 @@ def write_manifest_missing_column(folder: Path) -> BrokenInput:
 
 
 BROKEN_INPUTS: tuple[Callable[[Path], BrokenInput], ...] = (
-    write_truncated_nii_gz, write_truncated_nii, write_not_gzip, write_nan_voxels, write_windowed_0_255,
+    write_truncated_nii_gz, write_truncated_nii, write_not_gzip, write_nan_voxels, write_nan_vox_offset,
+    write_nifti_without_orientation, write_windowed_0_255,
     write_mr_like, write_image_2d, write_single_slice, write_image_4d, write_image_4d_singleton,
     write_zero_spacing, write_negative_spacing, write_nan_spacing, write_absurd_shape, write_mha_absurd_shape,
     write_truncated_mha, write_truncated_nrrd, write_mask_other_shape, write_mask_other_affine,
     write_mask_non_binary, write_dicom_shuffled, write_dicom_gap, write_dicom_duplicate, write_dicom_nonuniform,
-    write_dicom_mixed_size, write_dicom_two_series, write_dicom_mr, write_dicom_truncated_slice, write_empty_folder,
+    write_dicom_mixed_size, write_dicom_two_series, write_dicom_mr, write_dicom_padding, write_dicom_colour,
+    write_dicom_truncated_slice, write_empty_folder,
     write_folder_without_dicom, write_non_image_file, write_missing_file, write_manifest_bad_rows,
     write_manifest_missing_column,
 )  # fmt: skip

@@ -138,6 +138,44 @@ def test_mirroring_averages_the_scan_and_its_mirror_image(tmp_path, kind, task):
             np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.parametrize(("kind", "task"), [("deepsc", "joint"), ("deepsc", "cls")])
+def test_evidence_of_a_given_class(tmp_path, kind, task):
+    """``evidence_class`` picks whose CAMs the maps show; the predicted class is the default."""
+    from deepsc.inference import Predictor
+
+    predictor = Predictor.from_dir(make_model_dir(tmp_path / "m", kind, task), device="cpu", mirror=False)
+    image, cls = (a.astype(np.float32) for a in scan())  # as predict_case hands them on
+    default = predictor._predict_once(image, cls, True)
+    same = predictor._predict_once(image, cls, True, evidence_class=default.predicted_class)
+    other = predictor._predict_once(image, cls, True, evidence_class=(default.predicted_class + 1) % len(CLASSES))
+    for got, want in zip(same.evidence, default.evidence):
+        np.testing.assert_array_equal(got, want)
+    assert not all(np.allclose(a, b) for a, b in zip(other.evidence, default.evidence))
+    np.testing.assert_array_equal(other.class_prob, default.class_prob)
+
+
+def test_mirrored_evidence_explains_the_reported_class_when_neither_pass_chose_it(tmp_path, monkeypatch):
+    """(.45, .15, .40) and (.15, .45, .40) average to class 2: the maps are made for class 2."""
+    from deepsc.inference import CasePrediction, Predictor
+
+    predictor = Predictor.from_dir(make_model_dir(tmp_path / "m"), device="cpu")
+    passes = iter([[0.45, 0.15, 0.40], [0.15, 0.45, 0.40]])
+    calls = []
+
+    def one_pass(image, cls_arr, with_evidence, evidence_class=None):
+        calls.append(evidence_class)
+        probs = np.array(next(passes) if evidence_class is None else [0.45, 0.15, 0.40], np.float32)
+        shown = int(np.argmax(probs)) if evidence_class is None else evidence_class
+        evidence = [np.full(image.shape, float(shown), np.float32)] * 3
+        return CasePrediction(np.zeros(image.shape, np.float32), probs, evidence, 1.0, 1.0)
+
+    monkeypatch.setattr(predictor, "_predict_once", one_pass)
+    image, cls = scan()
+    result = predictor.predict_case(image, cls)
+    assert result.predicted_class == 2 and calls == [None, None, 2]
+    assert all(np.all(v == 2.0) for v in result.evidence)
+
+
 def test_lesion_margin_setting_is_checked():
     from deepsc.errors import ConfigError
     from deepsc.inference import lesion_margin_setting

@@ -193,10 +193,31 @@ def test_non_axial_series_match_simpleitk(tmp_path: Path, orientation: list[floa
         assert volume.shape == (24, 12, 20) and volume.meta["instance_numbers"] is None
 
 
+def test_dicom_padding_below_air_becomes_air(broken: dict[str, bi.BrokenInput], tmp_path: Path) -> None:
+    """Pixel Padding Value (-3024 HU here) reads as -1024 HU; everything else is untouched."""
+    volume = read_ct(broken["dicom_padding"].path)
+    plain = read_ct(broken["dicom_shuffled"].path)  # the same phantom without padding
+    outside = np.broadcast_to(bi.outside_field_of_view(), volume.shape)
+    assert np.all(volume.array[outside] == -1024.0) and volume.array.min() > -1500
+    np.testing.assert_array_equal(volume.array[~outside], plain.array[~outside])
+    # padding that is a CT value already (here -1024 HU, stored 0) is left alone, with no warning
+    bi.write_dicom_series(tmp_path / "s", bi.ct_phantom(), extra={"PixelPaddingValue": 0})
+    assert not any("Padding" in w for w in read_ct(tmp_path / "s").meta["warnings"])
+
+
+def test_default_case_id_of_dot_folders_is_the_folder_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepsc.data.io import default_case_id
+
+    (tmp_path / "P002").mkdir()
+    monkeypatch.chdir(tmp_path / "P002")
+    assert default_case_id(Path(".")) == "P002"
+    assert default_case_id(Path("..")) == tmp_path.name
+
+
 def test_gantry_tilt_keeps_the_shear_and_warns(tmp_path: Path) -> None:
     _reposition_series(bi.write_dicom_series(tmp_path / "s", bi.ct_phantom()), [1, 0, 0, 0, 1, 0], [0, 0.5, 2.5])
     volume = read_ct(tmp_path / "s")
-    assert any("sheared by 11.3 degrees" in w for w in volume.meta["warnings"])
+    assert any("sheared by 11.3 degrees" in w and "read 2.0 % high" in w for w in volume.meta["warnings"])
     np.testing.assert_allclose(volume.affine[:3, 2], [0, -0.5, 2.5])  # RAS column of the slice step
 
 

@@ -51,11 +51,20 @@ def test_load_manifest_reports_every_problem_at_once(tmp_path: Path) -> None:
     with pytest.raises(InputError) as caught:
         load_manifest(item.path)
     message = str(caught.value)
-    assert "4 problem(s)" in message
+    assert "5 problem(s)" in message
+    assert "row 6 (case '..'): case_id may hold only letters, digits, '.', '_' and '-', and may not start with '.'" in message
     assert "row 3 (case 'case_b'): label 'flu'" in message
     assert "row 4 (case 'case_c'): image_path not found" in message
     assert "row 5 (case 'case d'): case_id may hold only" in message
     assert "'case_a' appears in rows 1, 2" in message
+
+
+def test_a_home_folder_of_an_unknown_user_is_a_missing_file(tmp_path: Path) -> None:
+    """``~nosuchuser/...`` (a manifest from another machine) is named, not a RuntimeError."""
+    path = tmp_path / "m.csv"
+    path.write_text("case_id,label,image_path\ncase_a,normal,~deepsc-no-such-user/a.nii.gz\n")
+    with pytest.raises(InputError, match=r"row 1 \(case 'case_a'\): image_path not found.*~deepsc-no-such-user"):
+        load_manifest(path)
 
 
 def test_load_manifest_without_file_checks(tmp_path: Path) -> None:

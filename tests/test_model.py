@@ -63,7 +63,7 @@ def nonzero(grad: torch.Tensor | None) -> bool:
 # ------------------------------------------------------------------ configuration
 def test_config_from_params_default_and_paper(params):
     from deepsc.config import load_params
-    from tests.conftest import REPO_ROOT
+    from conftest import REPO_ROOT
 
     default = ModelConfig.from_params(params)
     assert default.patch_size == tuple(params["preprocess"]["patch_size"])

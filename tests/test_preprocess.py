@@ -194,6 +194,16 @@ def test_cohort_is_incremental_and_atomic(tmp_path, params):
     index = pd.read_csv(preprocess_cohort(manifest, out, params))
     assert index["case_id"].tolist() == ["case0", "case1"] and not (out / "cases/case2").exists()
 
+    table = pd.read_csv(manifest, keep_default_na=False)  # relabel the maskless cap case normal: it gets
+    table.loc[table.case_id == "case1", "label"] = "normal"  # a lesion map (all zeros) though its files are the same
+    table.to_csv(manifest, index=False)
+    index = pd.read_csv(preprocess_cohort(manifest, out, params))
+    assert index["has_mask"].tolist() == [True, True] and not load_case(out / "cases/case1").lesion.any()
+    table.loc[table.case_id == "case1", "label"] = "cap"  # and back: the lesion map goes again
+    table.to_csv(manifest, index=False)
+    preprocess_cohort(manifest, out, params)
+    assert not (out / "cases/case1/lesion.npy").exists()
+
     changed = with_preprocess(params, cls_slices=8)  # a setting change redoes every case
     preprocess_cohort(manifest, out, changed)
     assert load_case(out / "cases/case0").cls.shape[0] == 8
@@ -204,6 +214,21 @@ def test_cohort_is_incremental_and_atomic(tmp_path, params):
         preprocess_cohort(manifest, out, params)
     assert not list((out / "cases").glob(".tmp-*"))
     assert (out / "index.csv").read_bytes() == index_before
+
+
+def test_a_dicom_file_row_is_redone_when_its_series_changes(tmp_path):
+    """A manifest row may name one file of a DICOM series; the whole series is read, so the whole
+    folder is what the cache key covers."""
+    from broken_inputs import ct_phantom, write_dicom_series
+
+    from deepsc.data.preprocess import _content_hash
+
+    paths = write_dicom_series(tmp_path / "series", ct_phantom())
+    row = pd.Series({"case_id": "d", "label": "normal", "image_path": str(paths[0]), "mask_path": "", "lung_path": ""})
+    row = next(pd.DataFrame([row]).itertuples(index=False))
+    before = _content_hash(row, "settings")
+    paths[-1].write_bytes(paths[-1].read_bytes()[:-2] + b"\x00\x01")  # another slice's pixels change
+    assert _content_hash(row, "settings") != before
 
 
 def test_cli_preprocess(tmp_path, params):

@@ -298,6 +298,18 @@ def test_missing_required_column_and_missing_class(cohort: Path, tmp_path: Path,
     assert not (tmp_path / "b" / "checks.csv").exists()
 
 
+def test_findings_name_the_manifest_line_past_blank_lines(cohort: Path, tmp_path: Path, vparams: dict) -> None:
+    rows = _read_manifest(cohort)
+    rows[1]["label"] = "flu"
+    rows[2]["image_path"] = "~deepsc-no-such-user/scan.nii.gz"  # no such home here: a missing file, not a crash
+    _write_manifest(cohort, rows)
+    lines = cohort.read_text().splitlines()
+    cohort.write_text("\n".join(lines[:2] + [""] + lines[2:]) + "\n")  # a blank line 3 (header is line 1)
+    _, failures = _fail(cohort, tmp_path / "report", vparams)
+    where = {f["check"]: (f["case_id"], f["line"]) for f in failures if f["check"] in ("label_known", "image_exists")}
+    assert where == {"label_known": (rows[1]["case_id"], 4), "image_exists": (rows[2]["case_id"], 5)}
+
+
 def test_unparseable_manifest_gives_a_report(tmp_path: Path, vparams: dict) -> None:
     manifest = tmp_path / "manifest.csv"
     manifest.write_bytes(b"case_id,label\n\xff\xfe\x00bad,\"unterminated\n")

@@ -53,6 +53,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 METAIMAGE_SUFFIXES = (".mha", ".mhd")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+AIR_HU = -1024.0  # what DICOM pixel padding below air becomes (the usual CT value of air)
 
 # DICOM geometry tolerances (mm unless stated).
 _DUPLICATE_MM = 0.01          # two slices closer than this share a position
@@ -190,6 +191,8 @@ def detect_format(path: Path, case_id: str) -> str:
 def default_case_id(path: Path) -> str:
     """The file name without its image suffix; the folder name for DICOM."""
     path = Path(path)
+    if path.name in ("", ".", ".."):  # "." or "..": the folder's own name
+        path = path.resolve()
     name = path.name
     if path.is_file() and (name.lower().endswith(DICOM_SUFFIXES) or _has_dicom_preamble(path)):
         return path.parent.name or name
@@ -315,15 +318,25 @@ def _read_nifti(path: Path, case_id: str, max_voxels: int) -> CTVolume:
     if not path.name.lower().endswith(".gz"):
         with _library_errors(case_id, path, "read the data type in the NIfTI header of"):
             expected = math.prod(shape) * header.get_data_dtype().itemsize
-        _check_payload_size(path, int(header["vox_offset"]), expected, case_id, path)
+        _check_payload_size(path, _vox_offset(header, case_id, path), expected, case_id, path)
     notes = []
     if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
-        notes.append("the NIfTI header records no orientation (qform and sform codes are 0): axes assumed RAS")
+        notes.append("the NIfTI header records no orientation (qform and sform codes are 0): left and right are "
+                     "unknown; read with nibabel's fallback axes (LAS, the Analyze convention)")
     with _library_errors(case_id, path, "read the NIfTI file"), LoggingOutputSuppressor():
         volume = from_nibabel(nib.load(path), case_id)
     _check_spacing(volume.spacing, case_id, path)
     volume.meta = {"warnings": notes}
     return volume
+
+
+def _vox_offset(header: Any, case_id: str, path: Path) -> int:
+    """Byte offset of the voxel data: a whole number no smaller than the header itself."""
+    offset = float(header["vox_offset"])
+    if not math.isfinite(offset) or offset < header.sizeof_hdr or offset != int(offset):
+        raise InputError(case_id, f"{path} has an invalid NIfTI header (vox_offset = {offset}; the voxel data "
+                                  f"must start at a whole byte offset of at least {header.sizeof_hdr})")
+    return int(offset)
 
 
 def _nifti_header(path: Path, case_id: str) -> Any:
@@ -520,8 +533,13 @@ def _read_dicom_series(path: Path, case_id: str, max_voxels: int) -> CTVolume:
     if _names_out_of_order(ordered):
         notes.append("file names do not follow the slice order: slices were sorted by Image Position (Patient)")
     array = np.empty((len(ordered), rows, cols), dtype=np.float32)
+    padded = 0
     for k, item in enumerate(ordered):
         array[k] = _slice_hu(item, rows, cols, case_id)
+        padded += _pad_to_air(array[k], item.header)
+    if padded:
+        notes.append(f"{padded:,} voxels hold the Pixel Padding Value (outside the reconstructed field of view, "
+                     f"below air): set to {AIR_HU:g} HU")
     volume = _canonical(array, _lps_to_ras(geometry.affine_lps), case_id)
     volume.meta = {
         "modality": str(ordered[0].header.get("Modality", "")) or None,
@@ -633,7 +651,10 @@ def _series_geometry(slices: list[_DicomSlice], folder: Path, case_id: str) -> _
         raise InputError(case_id, f"slice positions in {folder} do not lie on one line (slices shifted sideways)")
     tilt = math.degrees(math.acos(min(1.0, float(step @ normal) / float(np.linalg.norm(step)))))
     if tilt > _TILT_WARN_DEGREES:
-        notes.append(f"slices are sheared by {tilt:.1f} degrees (gantry tilt): the affine keeps the shear")
+        excess = 100.0 * (1.0 / math.cos(math.radians(tilt)) - 1.0)
+        notes.append(f"slices are sheared by {tilt:.1f} degrees (gantry tilt): the affine keeps the shear, but "
+                     f"volumes (mL) and mm distances treat the voxel grid as orthogonal and read {excess:.1f} % "
+                     "high along the slice axis")
     affine = np.eye(4)
     # Pixel Spacing is (between rows, between columns): i runs along a row (column spacing).
     affine[:3, 0] = row_dir * pixel[1]
@@ -725,8 +746,36 @@ def _position(item: _DicomSlice, case_id: str) -> list[float]:
     return values
 
 
+def _pad_to_air(hu: np.ndarray, header: Any) -> int:
+    """Set a slice's padding voxels to air, in place; return how many there were.
+
+    Pixel Padding Value (0028,0120), up to Pixel Padding Range Limit (0028,0121) when given, is a
+    stored value that marks pixels outside the reconstructed field of view (often -2000 stored,
+    -3024 HU). Only padding below air is replaced: it would otherwise fail the HU-range check and
+    skew intensity statistics. Padding inside the CT range (e.g. -1024 HU) is left as it is.
+    """
+    value = header.get("PixelPaddingValue")
+    if value is None:
+        return 0
+    try:
+        slope = np.float32(float(header.get("RescaleSlope", 1) or 1))
+        intercept = np.float32(float(header.get("RescaleIntercept", 0) or 0))
+        ends = [np.float32(float(v)) * slope + intercept for v in (value, header.get("PixelPaddingRangeLimit", value))]
+    except (TypeError, ValueError):  # an unreadable padding tag: nothing is known to be padding
+        return 0
+    low, high = min(ends), max(ends)
+    if high >= AIR_HU:
+        return 0
+    padding = (hu >= low) & (hu <= high)
+    hu[padding] = AIR_HU
+    return int(np.count_nonzero(padding))
+
+
 def _slice_hu(item: _DicomSlice, rows: int, cols: int, case_id: str) -> np.ndarray:
     """One slice in HU: pydicom (pylibjpeg decodes JPEG) with SimpleITK as the fallback decoder."""
+    samples = int(item.header.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:  # SimpleITK would decode the colours; say what is wrong instead
+        raise InputError(case_id, f"{item.path} is a colour image ({samples} samples per pixel), not a CT slice")
     try:
         pixels = _decode_with_pydicom(item.path)
     except Exception as pydicom_error:  # noqa: BLE001 - any decoder failure: try SimpleITK

@@ -47,7 +47,10 @@ logger = logging.getLogger(__name__)
 MANIFEST_COLUMNS = ("case_id", "label", "image_path", "mask_path", "lung_path", "source")
 REQUIRED_COLUMNS = ("case_id", "label", "image_path")
 PATH_COLUMNS = ("image_path", "mask_path", "lung_path")
-CASE_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+CASE_ID_REGEX = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
+"""A case id names files and folders: no path separators, and no leading dot ("." and ".."
+are the folder itself and its parent)."""
+CASE_ID_PATTERN = re.compile(CASE_ID_REGEX)
 LAYOUTS = ("covid-ct-md", "nifti")
 
 COVID_CT_MD_CLASSES = {"covid-19": "covid", "cap": "cap", "normal": "normal"}
@@ -105,7 +108,7 @@ def validate_manifest(frame: Any, *, check_files: bool = True) -> list[str]:
         if not case:
             problems.append(f"{where}: empty case_id")
         elif not CASE_ID_PATTERN.fullmatch(case):
-            problems.append(f"{where}: case_id may hold only letters, digits, '.', '_' and '-'")
+            problems.append(f"{where}: case_id may hold only letters, digits, '.', '_' and '-', and may not start with '.'")
         if record["label"] not in CLASSES:
             problems.append(f"{where}: label {record['label']!r} is not one of {', '.join(CLASSES)}")
         if not record["image_path"]:
@@ -317,10 +320,19 @@ def _complete(frame: Any, where: str) -> Any:
     return frame
 
 
+def expand_user(value: str) -> Path:
+    """``~`` and ``~user`` expanded; left as written when that user has no home here (a manifest
+    from another machine), so the row fails as "file not found" with its path, not a RuntimeError."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        return Path(value)
+
+
 def _absolute(value: str, base: Path) -> str:
     if not value:
         return ""
-    return os.path.normpath(base / Path(value).expanduser())
+    return os.path.normpath(base / expand_user(value))
 
 
 def _relative(value: str, base: Path) -> str:

@@ -410,8 +410,8 @@ def preprocess_cohort(manifest: Path, out_dir: Path, params: Mapping[str, Any]) 
     for case in tqdm(list(table.itertuples(index=False)), desc="preprocess", unit="case"):
         content_hash = _content_hash(case, settings_key)
         case_dir = cases_dir / case.case_id
-        if _stored_hash(case_dir) == content_hash:
-            skipped += 1
+        if _stored_hash(case_dir) == content_hash and (case_dir / "lesion.npy").exists() == _has_mask(case):
+            skipped += 1  # (a relabelled case without a mask file keeps its hash but not its lesion map)
         else:
             start = time.perf_counter()
             _write_case(case, params, content_hash, cases_dir)
@@ -471,11 +471,16 @@ def _content_hash(case: Any, settings_key: str) -> str:
 
 
 def _files_of(path: Path, case_id: str) -> list[Path]:
-    """The file itself, or every file of a (DICOM) folder in name order."""
+    """The file itself, or every file of a (DICOM) folder in name order; for one file of a DICOM
+    series, every file of its folder (``read_ct`` reads the whole series from there)."""
+    from deepsc.data.io import detect_format
+
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file())
     if not path.is_file():
         raise InputError(case_id, f"file not found: {path}")
+    if detect_format(path, case_id) == "dicom":
+        return sorted(p for p in path.parent.iterdir() if p.is_file() and not p.name.startswith("."))
     return [path]
 
 

@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from deepsc import CLASSES
 from deepsc.config import outputs_dir, section
+from deepsc.data.manifest import CASE_ID_REGEX, expand_user
 from deepsc.data.volume import atomic_write_bytes
 from deepsc.data.volume_checks import VOLUME_COLUMNS, CaseFiles, LungSegmenter, measure_case
 from deepsc.errors import ConfigError, InputError, ValidationFailed
@@ -80,7 +81,7 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("case_id", "label", "image_path")
 OPTIONAL_COLUMNS = ("mask_path", "lung_path", "source")
-CASE_ID_PATTERN = r"^[A-Za-z0-9._-]+$"
+CASE_ID_PATTERN = f"^{CASE_ID_REGEX}$"
 LESION_CLASSES = ("covid", "cap")
 COHORT = "(cohort)"
 """`case_id` of findings about the cohort as a whole (a missing column, a missing class)."""
@@ -410,23 +411,27 @@ class ExpectationRunner:
 
 # ------------------------------------------------------------------------------------------ manifest
 def read_manifest(path: Path) -> "pd.DataFrame":
-    """The manifest as strings, empty cells as missing, plus ``line`` (header = line 1).
+    """The manifest as strings, empty cells as missing, plus ``line`` (header = line 1; blank
+    lines are skipped but counted, so findings point at the file's own line numbers).
 
     Raises:
-        InputError: the file is missing or cannot be parsed as CSV.
+        InputError: the file is missing, unreadable or cannot be parsed as CSV.
     """
     import pandas as pd
 
     if not path.is_file():
         raise InputError(str(path), "manifest file not found")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, skip_blank_lines=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(str(path), f"manifest cannot be parsed as CSV: {str(exc).strip()}") from None
+    except OSError as exc:
+        raise InputError(str(path), f"manifest cannot be read: {exc.strerror or exc}") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     frame = frame.astype(object).apply(lambda col: col.map(lambda v: (v.strip() or None) if isinstance(v, str) else v))
     frame.insert(0, "line", range(2, len(frame) + 2))
-    return frame
+    blank = frame.drop(columns="line").isna().all(axis=1)
+    return frame[~blank].reset_index(drop=True)
 
 
 def resolve_files(frame: "pd.DataFrame", root: Path) -> "pd.DataFrame":
@@ -462,7 +467,7 @@ def class_table(frame: "pd.DataFrame") -> "pd.DataFrame":
 
 
 def _resolve(root: Path, value: str) -> Path:
-    path = Path(value).expanduser()
+    path = expand_user(value)
     return path if path.is_absolute() else root / path
 
 

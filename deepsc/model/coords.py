@@ -10,7 +10,9 @@ Coordinate convention (voxels are cells, as in ``align_corners=False``): normali
 trailing edge, so voxel ``j`` of any grid of size ``G`` that covers the scan spans
 ``[j / G, (j + 1) / G)`` and has its centre at ``(j + 0.5) / G``. The same holds inside a
 box for the patch's own grid. Every scan grid (``cls`` input, its feature maps, the encoder
-maps) therefore shares one normalised frame, and a box maps onto any of them by a scale.
+maps) is treated as sharing one normalised frame, and a box maps onto any of them by a scale.
+(Strictly, the network's stride-2 convolutions put a feature cell's centre up to half an
+input cell per level before this frame's: see docs/architecture.md, known limitations.)
 
 Both operations are separable linear maps (one small matrix per axis and sample), hence exact,
 differentiable with respect to the features, and free of half-voxel ambiguity:

@@ -10,10 +10,12 @@ The batch that :func:`total_loss` reads (one scan per sample, as for :meth:`Deep
 
 Normalisations, stated once:
 
-- **Dice** (eq. 6) is the soft Dice of S_hat = sigmoid(fused logit) per sample, with
-  ``smooth_nr = smooth_dr = 1`` (voxels). On an empty target (normal scans, lesion-free
-  patches) it is ``sum(S_hat) / (sum(S_hat) + 1)``: 0 for an empty prediction, approaching 1 as
-  the predicted lesion volume grows past one voxel, so empty masks are defined and informative.
+- **Dice** (eq. 6) is the soft Dice of S_hat = sigmoid(fused logit), with smoothing 1 (voxel)
+  in numerator and denominator, pooled over the batch's samples with a known mask
+  (:func:`batch_dice_loss`, nnU-Net's batch Dice; the paper's is per sample). An empty target
+  (normal scans, lesion-free patches) then adds its false positives to the denominator instead
+  of a per-sample ``sum(S_hat) / (sum(S_hat) + 1)`` that only says "predict nothing"; a batch
+  with no lesion voxel at all scores ``sum(S_hat) / (sum(S_hat) + 1)``: 0 for an empty prediction.
 - **Focal** (eq. 7) is MONAI's sigmoid focal loss (alpha weights the lesion class), mean over voxels.
 - **Weighted CE** (eq. 9): ``xi_y * CE`` averaged over the batch, ``xi`` from
   :func:`class_weights_from_counts` (1 for every class of a balanced training set).

@@ -16,7 +16,10 @@ encoder units e1 / e2 / e3  c / 4, c / 8, c / 16 ``cls_widths[0..2]``
 The inception stem halves the patch, the U-Net runs at p/2, p/4, p/8, and the last up unit
 returns to full patch resolution (its skip input is the patch itself, as no encoder level
 exists there). Hence patch dimensions must be multiples of 8 and classification dimensions
-multiples of 16, which keeps every grid an exact, aligned down-sampling of its input.
+multiples of 16, so every grid divides its input evenly. (The stride-2 convolutions centre
+output cell j on input cell 2j, not between cells 2j and 2j + 1 as :mod:`deepsc.model.coords`
+assumes: after L of them a cell sits (2^L - 1) / 2 input voxels early; docs/architecture.md,
+known limitations.)
 
 Evidence masks pair by spatial scale, coarse with coarse: ``V_1 <- e3`` (on S_1's grid),
 ``V_2 <- e2`` (S_2), ``V_3 <- e1`` (S_3). The paper numbers both sets from 1, but its S_1 is
@@ -478,6 +481,7 @@ class DeepSC(nn.Module):
         chunk_size: int = 4,
         with_evidence: bool = True,
         overlap: float = 0.0,
+        evidence_class: int | None = None,
     ) -> dict[str, Any]:
         """Diagnose one whole preprocessed scan.
 
@@ -501,11 +505,13 @@ class DeepSC(nn.Module):
             with_evidence: also return the evidence maps at ``(Z, Y, X)`` (memory: 3 float32 volumes).
             overlap: fraction of a patch that neighbouring segmentation windows share, in [0, 1);
                 0 = the non-overlapping grid alone (one forward pass per tile).
+            evidence_class: the class whose CAMs the evidence maps show; None = the predicted one.
 
         Returns:
             ``lesion_prob`` float32 ``(Z, Y, X)`` in [0, 1]; ``class_prob`` float32 ``(K,)``;
             ``pred`` int; ``evidence`` [V_1..V_3] float32 ``(Z, Y, X)`` in [0, 1] (CAMs of the
-            predicted class of units e3, e2, e1, min-max normalised over the scan) or [].
+            predicted class, or of ``evidence_class``, of units e3, e2, e1, min-max normalised
+            over the scan) or [].
         """
         import numpy as np
 
@@ -561,7 +567,8 @@ class DeepSC(nn.Module):
         pred = int(class_prob.argmax())
         evidence = []
         if with_evidence:
-            cams = self.classifier.cams(feats, torch.tensor([pred], device=device))
+            explained = self._cam_class(logits, torch.tensor([pred if evidence_class is None else int(evidence_class)]))
+            cams = self.classifier.cams(feats, explained)
             evidence = [
                 minmax_per_sample(resize_to_scan(cams[unit].float(), shape))[0, 0].cpu().numpy()
                 for unit in EVIDENCE_UNITS
