@@ -11,8 +11,9 @@ trailing edge, so voxel ``j`` of any grid of size ``G`` that covers the scan spa
 ``[j / G, (j + 1) / G)`` and has its centre at ``(j + 0.5) / G``. The same holds inside a
 box for the patch's own grid. Every scan grid (``cls`` input, its feature maps, the encoder
 maps) is treated as sharing one normalised frame, and a box maps onto any of them by a scale.
-(Strictly, the network's stride-2 convolutions put a feature cell's centre up to half an
-input cell per level before this frame's: see docs/architecture.md, known limitations.)
+(Strictly, after L stride-2 convolutions a feature cell's centre lies (2^L - 1) / 2 input
+voxels, just under half its own cell, before this frame's: docs/architecture.md, known
+limitations.)
 
 Both operations are separable linear maps (one small matrix per axis and sample), hence exact,
 differentiable with respect to the features, and free of half-voxel ambiguity:
