@@ -797,9 +797,7 @@ def _decode_with_pydicom(path: Path) -> np.ndarray:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dataset = pydicom.dcmread(path)
-        if int(dataset.get("SamplesPerPixel", 1) or 1) != 1:
-            raise ValueError(f"{dataset.SamplesPerPixel} samples per pixel (colour image)")
+        dataset = pydicom.dcmread(path)  # colour images are refused from the header (_slice_hu)
         pixels = dataset.pixel_array
     slope = float(dataset.get("RescaleSlope", 1) or 1)
     intercept = float(dataset.get("RescaleIntercept", 0) or 0)

@@ -480,7 +480,7 @@ def _files_of(path: Path, case_id: str) -> list[Path]:
     if not path.is_file():
         raise InputError(case_id, f"file not found: {path}")
     if detect_format(path, case_id) == "dicom":
-        return sorted(p for p in path.parent.iterdir() if p.is_file() and not p.name.startswith("."))
+        return _files_of(path.parent, case_id)
     return [path]
 
 
