@@ -434,6 +434,9 @@ def table_ii_rows(evaluations: Sequence[ModelEvaluation]) -> tuple[list[list[Any
         m = ev.metrics
         seg = [format_mean_std(m.get(f"{k}_mean", math.nan), m.get(f"{k}_std", math.nan), 1.0 if k == "rmsd_mm" else 100.0,
                                2 if k == "rmsd_mm" else 1) if f"{k}_mean" in m else "n/a" for k in SEG_METRICS]
+        excluded = int(m.get("rmsd_mm_excluded") or 0)
+        if excluded and "n_seg" in m:  # RMSD is a mean over fewer scans than the other columns: say so
+            seg[SEG_METRICS.index("rmsd_mm")] += f" [{int(m['n_seg']) - excluded} of {int(m['n_seg'])}]"
         cls = [f"{100 * m['accuracy']:.1f}" if "accuracy" in m else "n/a"]
         cls += [format_mean_std(m[f"{k}_macro"], m.get(f"{k}_macro_std", math.nan)) if f"{k}_macro" in m else "n/a"
                 for k in ("sensitivity", "specificity", "f1", "auc")]
@@ -486,8 +489,11 @@ def write_comparison(evaluations: Sequence[ModelEvaluation], out_dir: Path) -> N
     _write_text(out_dir / "comparison.csv", pd.DataFrame(records).to_csv(index=False))
     rows, header = table_ii_rows(evaluations)
     text = ["# DeepSC vs ablations and baselines (the split's test scans)", "",
-            f"Segmentation on the {evaluations[0].seg_geometry} grid; mean (std) in percent, RMSD in mm; n/a: the model "
-            "does not produce that output (single-task models and baselines).", "", report.markdown_table(rows, header), ""]
+            f"Segmentation on the {evaluations[0].seg_geometry} grid, over the COVID-19 / CAP scans with a lesion mask; "
+            "mean (std) in percent, RMSD in mm; Spec. (seg) counts every voxel of that grid, air included. RMSD is "
+            "undefined when exactly one mask is empty: [k of n] after it means it averages only k of the n scans. n/a: "
+            "the model does not produce that output (single-task models and baselines).", "",
+            report.markdown_table(rows, header), ""]
     _write_text(out_dir / "comparison.md", "\n".join(text))
 
 

@@ -238,3 +238,18 @@ def test_cli_evaluates_and_prints_the_headline(cohort, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "accuracy=" in out and "dsc_mean=n/a" in out
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["n_test"] == 3 * N_PER_CLASS
+
+
+def test_table_ii_says_when_rmsd_averages_fewer_scans():
+    """RMSD is undefined when exactly one mask is empty: the table says over how many scans it is a mean."""
+    from deepsc.evaluate import ModelEvaluation, table_ii_rows
+
+    seg = {f"{k}_{s}": 0.5 for k in ("dsc", "sensitivity", "specificity", "nsd") for s in ("mean", "std")}
+
+    def rmsd_cell(excluded: int) -> str:
+        metrics = {**seg, "rmsd_mm_mean": 12.0, "rmsd_mm_std": 3.0, "rmsd_mm_excluded": excluded, "n_seg": 16}
+        rows, header = table_ii_rows([ModelEvaluation("m", Path("m"), "deepsc", None, metrics, {}, None, "original")])
+        return rows[0][header.index("RMSD (mm)")]
+
+    assert rmsd_cell(0) == "12.00 (3.00)"
+    assert rmsd_cell(3) == "12.00 (3.00) [13 of 16]"
