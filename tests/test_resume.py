@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from test_train import ToyAdapter, ToyDataset, same_weights, toy_model
 
@@ -35,6 +37,41 @@ def test_engine_resume_is_bit_exact(tmp_path):
     assert same_weights(straight.model, resumed.model)
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
     assert (tmp_path / "killed" / "history.csv").read_text().count("\n") == 4
+
+
+def test_resumed_run_logs_every_epoch_before_and_after_the_kill(tmp_path):
+    """The resumed run's tracking holds the epochs done before the kill too."""
+    from deepsc.train.engine import EngineConfig, fit
+
+    config = EngineConfig(epochs=3, lr=5e-2, batch_size=5, seed=11)
+    with pytest.raises(Killed):
+        fit(toy_model(), ToyDataset(), ToyAdapter(), config, tmp_path, on_epoch_end=_kill_after(2), progress=False)
+    logged = []
+    resumed = fit(toy_model(), ToyDataset(), ToyAdapter(), config, tmp_path, progress=False,
+                  log_metrics=lambda epoch, record: logged.append((epoch, record["loss"])))
+    assert logged == [(r["epoch"], r["loss"]) for r in resumed.history] and [e for e, _ in logged] == [1, 2, 3]
+
+
+def test_checkpoint_is_read_to_the_cpu_whatever_the_training_device(tmp_path):
+    """last.pt's RNG states must stay on the CPU (numpy cannot read a CUDA tensor: a GPU resume
+    crashed). A device whose tensors cannot be read back, 'meta', stands in for the GPU here."""
+    import torch
+
+    from deepsc.train.engine import DistContext, EngineConfig, _maybe_resume, fit
+
+    config = EngineConfig(epochs=2, lr=5e-2, batch_size=5, seed=11)
+    with pytest.raises(Killed):
+        fit(toy_model(), ToyDataset(), ToyAdapter(), config, tmp_path, on_epoch_end=_kill_after(1), progress=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    model = toy_model(seed=7)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=10)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    ctx = DistContext(rank=0, world_size=1, device=torch.device("meta"), owns_group=False)
+    epoch, history = _maybe_resume(tmp_path / "last.pt", json.loads(state["fingerprint"]), model, optimizer, scheduler,
+                                   scaler, ctx)
+    assert epoch == 1 and len(history) == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), state["model"].values()))
 
 
 def test_finished_checkpoint_returns_at_once(tmp_path):

@@ -251,9 +251,9 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     import torch
 
     torch.set_rng_state(state["torch"].cpu())
-    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    keys = state["numpy_keys"].cpu().numpy().astype(np.uint32)
     np.random.set_state(("MT19937", keys, state["numpy_pos"], state["numpy_has_gauss"], state["numpy_gauss"]))
-    internal = tuple(int(v) for v in state["python_internal"].tolist())
+    internal = tuple(int(v) for v in state["python_internal"].cpu().tolist())
     random.setstate((state["python_version"], internal, state["python_gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -337,6 +337,9 @@ def fit(
 
     fingerprint = {**config.fingerprint(len(dataset), ctx.world_size), **dict(identity or {})}
     start_epoch, history = _maybe_resume(out_dir / CHECKPOINT, fingerprint, model, optimizer, scheduler, scaler, ctx)
+    if ctx.is_main and log_metrics is not None:
+        for record in history:  # a resumed run's tracking holds every epoch, not only those trained now
+            log_metrics(int(record["epoch"]), record)
     module = _wrap_ddp(model, adapter, ctx)
 
     bar = _progress_bar(total_steps, start_epoch * len(loader), description, enabled=progress and ctx.is_main)
@@ -410,7 +413,9 @@ def _maybe_resume(path: Path, fingerprint, model, optimizer, scheduler, scaler, 
     """Load ``last.pt`` when it exists; returns (epochs already done, history so far)."""
     if not path.is_file():
         return 0, []
-    state = load_checkpoint(path, ctx.device)
+    # to the CPU: the RNG states must stay there (numpy cannot read a CUDA tensor); the
+    # load_state_dict calls below copy weights and optimiser moments to the model's device
+    state = load_checkpoint(path, "cpu")
     saved = json.loads(state.get("fingerprint", "{}"))
     if saved != fingerprint:
         changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))

@@ -282,6 +282,8 @@ def prepare_stage(
             _CONTEXT_CACHE.clear()  # one entry: the ablation grid fine-tunes variant after variant from it
             segmenter, _ = load_model(inits["seg"])
             _CONTEXT_CACHE[key] = predicted_lesion_context(_stage1_segmenter(segmenter), records, model_config.cls_shape)
+            del segmenter
+            _release_cuda_cache()
         context = _CONTEXT_CACHE[key]
 
     seed_everything(engine.seed)
@@ -341,6 +343,14 @@ def reads_stage1_segmentation(stage: str, params: Mapping[str, Any]) -> bool:
     return stage_plan(stage, params).teacher_forcing and source == "predicted"
 
 
+def _release_cuda_cache() -> None:
+    """Hand the stage-1 segmenter's cached GPU memory back before the stage's own model trains."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _stage1_segmenter(model: Any) -> Any:
     """``(Z, Y, X) image -> lesion probability`` with the seg path alone (stage-1 weights), on the
     non-overlapping grid: at inference the classifier's lesion input comes from the tiles too
@@ -349,7 +359,8 @@ def _stage1_segmenter(model: Any) -> Any:
 
     from deepsc.inference import stitch_patch_predictions
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # under torchrun each process segments on its own GPU (fit() sets the device only later)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
 
     def segment(image):
