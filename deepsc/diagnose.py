@@ -413,7 +413,8 @@ def _registry_predictor(uri: str, params: Mapping[str, Any], device: str) -> tup
     try:
         client = mlflow.MlflowClient()
         version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
-        loaded = mlflow.pyfunc.load_model(uri)
+        # the version just resolved, not the alias again: a promotion in between would load other weights
+        loaded = mlflow.pyfunc.load_model(f"models:/{version.name}/{version.version}")
     except MlflowException as exc:
         raise InputError(uri, f"cannot resolve the registered model: {exc.message}") from None
     python_model = loaded.unwrap_python_model()

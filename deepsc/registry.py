@@ -8,14 +8,18 @@ makes it champion and records who (``$USER``) and why. Aliases only, never the d
 
 Version tags written here:
 
-* ``model_sha256``: sha256 of ``model.pt`` (registration is idempotent on it);
+* ``model_sha256``: sha256 of ``model.pt``;
+* ``serving_sha256``: sha256 of everything else the pyfunc serves: ``config.json``, the served
+  settings (:data:`SERVED_SECTIONS` of params.yaml, which the pyfunc carries) and the ``deepsc``
+  code it ships. Registration is idempotent on the pair: the same weights with a changed
+  inference setting or changed code are a new version, gated on their own evaluation;
 * ``promotion_decision`` (champion | challenger) and ``promotion_reason``: the decision taken when
   the version was promoted (where it stands now is what the aliases say);
 * ``metric.dsc_mean``, ``metric.accuracy``: the version's gated metrics from its latest
   evaluation; later versions are compared with exactly these numbers. Registering the same
-  model.pt again with a new evaluation (e.g. after an inference setting changed) updates them,
-  also on the champion, which keeps its alias: a candidate is never gated against numbers from
-  an older evaluation;
+  version again with a new evaluation (same weights, settings and code, e.g. a changed test
+  split) updates them, also on the champion, which keeps its alias: a candidate is never gated
+  against numbers from an older evaluation;
 * ``forced_by`` on a forced promotion; ``data_version``, ``git_commit`` from the run.
 
 Both functions are idempotent: running them again for the same version (or the same model.pt)
@@ -30,6 +34,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -51,6 +56,9 @@ TAG_DECISION = "promotion_decision"
 TAG_REASON = "promotion_reason"
 TAG_FORCED_BY = "forced_by"
 TAG_SHA256 = "model_sha256"
+TAG_SERVING = "serving_sha256"
+SERVED_SECTIONS = ("inference", "lungseg", "validate")
+"""The params.yaml sections the served pyfunc applies, as ``deepsc evaluate`` / ``diagnose`` do."""
 METRIC_TAG_PREFIX = "metric."
 
 MODEL_FILE = "model.pt"
@@ -245,10 +253,10 @@ def _set_alias(client: Any, model_name: str, alias: str, version: str) -> bool:
 def _tolerance(tolerance: Mapping[str, Any]) -> dict[str, float]:
     allowed = {}
     for name in GATED_METRICS:
-        try:
-            value = float(tolerance[name])
-        except (KeyError, TypeError, ValueError):
-            raise ConfigError(f"register.tolerance.{name} must be a number (allowed regression, e.g. 0.01)") from None
+        value = tolerance.get(name) if isinstance(tolerance, Mapping) else None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigError(f"register.tolerance.{name} must be a number (allowed regression, e.g. 0.01), got {value!r}")
+        value = float(value)
         if not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"register.tolerance.{name} must be >= 0, got {value}")
         allowed[name] = value
@@ -260,10 +268,10 @@ def _gated_metrics(metrics: Mapping[str, Any], where: str) -> dict[str, float]:
     for key in GATED_METRICS.values():
         if key not in metrics:
             raise InputError(where, f"the evaluation metrics have no '{key}' (keys: {', '.join(sorted(metrics))})")
-        try:
-            values[key] = float(metrics[key])
-        except (TypeError, ValueError):
-            raise InputError(where, f"metric '{key}' is not a number: {metrics[key]!r}") from None
+        value = metrics[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise InputError(where, f"metric '{key}' is not a finite number: {value!r}")
+        values[key] = float(value)
     return values
 
 
@@ -284,14 +292,16 @@ def register_model(
     Args:
         model_dir: folder with ``model.pt`` (state dict) and ``config.json``.
         eval_dir: folder with ``metrics.json`` (needs ``dsc_mean`` and ``accuracy``).
-        params: the merged settings (sections ``register`` and ``mlflow``; all are logged).
+        params: the merged settings (``register``, ``mlflow`` and the served sections; all are logged).
         force, reason: see :func:`promote`.
         python_model: the ``mlflow.pyfunc.PythonModel`` to log; default
-            ``deepsc.serving.DeepSCPyfunc()``, which finds the model folder at
-            ``context.artifacts["model_dir"]``. The signature is ``deepsc.serving.model_signature()``.
+            ``deepsc.serving.DeepSCPyfunc(params=served_settings(params))``, which finds the model
+            folder at ``context.artifacts["model_dir"]``. The signature is
+            ``deepsc.serving.model_signature()``.
 
     Returns:
-        The version (new, or the existing one with the same ``model.pt`` sha256) and its decision.
+        The version (new, or the existing one with the same ``model_sha256`` and
+        ``serving_sha256``) and its decision.
     """
     from deepsc import tracking
 
@@ -307,34 +317,60 @@ def register_model(
         raise ConfigError("a forced promotion needs a reason (--reason \"...\")")
 
     sha256 = file_sha256(model_dir / MODEL_FILE)
+    served = served_settings(params)
+    serving = serving_sha256(model_dir, served)
     client = mlflow.MlflowClient(tracking.configure(params))
-    existing = find_version(client, model_name, sha256)
+    existing = find_version(client, model_name, sha256, serving)
     if existing is not None:
-        log.info("%s v%s already holds this model.pt (sha256 %s): not registering again", model_name, existing.version, sha256[:12])
+        log.info("%s v%s already serves this model.pt (sha256 %s) with these settings and code: not registering again",
+                 model_name, existing.version, sha256[:12])
         version, run_id, created = str(existing.version), existing.run_id, False
     else:
-        version, run_id = _log_and_register(client, model_dir, metrics, params, model_name, sha256, python_model)
+        if python_model is None:
+            from deepsc.serving import DeepSCPyfunc
+
+            python_model = DeepSCPyfunc(params=served)
+        identity = {TAG_SHA256: sha256, TAG_SERVING: serving}
+        version, run_id = _log_and_register(client, model_dir, metrics, params, model_name, identity, python_model)
         created = True
     decision = promote(client, model_name, version, metrics, settings["tolerance"], force=force, reason=reason)
     return RegistrationResult(model_name, version, run_id, f"models:/{model_name}/{version}", sha256, created, decision)
 
 
-def find_version(client: Any, model_name: str, sha256: str) -> Any | None:
-    """The oldest version of `model_name` tagged with this ``model_sha256``, or None."""
-    matches = [mv for mv in client.search_model_versions(f"name = '{model_name}'") if mv.tags.get(TAG_SHA256) == sha256]
+def find_version(client: Any, model_name: str, sha256: str, serving: str) -> Any | None:
+    """The oldest version of `model_name` tagged with this ``model_sha256`` and ``serving_sha256``, or None."""
+    matches = [mv for mv in client.search_model_versions(f"name = '{model_name}'")
+               if mv.tags.get(TAG_SHA256) == sha256 and mv.tags.get(TAG_SERVING) == serving]
     return min(matches, key=lambda mv: int(mv.version)) if matches else None
 
 
+def served_settings(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`SERVED_SECTIONS` of `params` (JSON values): what the pyfunc applies to each scan."""
+    return json.loads(json.dumps({key: params[key] for key in SERVED_SECTIONS if key in params}, default=str))
+
+
+def serving_sha256(model_dir: Path, settings: Mapping[str, Any]) -> str:
+    """sha256 of ``config.json``, the served settings and the ``deepsc`` sources the pyfunc ships."""
+    import deepsc
+
+    digest = hashlib.sha256()
+    digest.update((Path(model_dir) / CONFIG_FILE).read_bytes() + b"\0")
+    digest.update(json.dumps(settings, sort_keys=True).encode() + b"\0")
+    package = Path(deepsc.__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def _log_and_register(client: Any, model_dir: Path, metrics: Mapping[str, Any], params: Mapping[str, Any],
-                      model_name: str, sha256: str, python_model: Any | None) -> tuple[str, str]:
+                      model_name: str, identity: Mapping[str, str], python_model: Any) -> tuple[str, str]:
     import mlflow
 
     from deepsc import tracking
 
-    from deepsc.serving import DeepSCPyfunc, model_signature
+    from deepsc.serving import model_signature
 
-    if python_model is None:
-        python_model = DeepSCPyfunc()
+    sha256 = identity[TAG_SHA256]
     with tracking.start_run(params, f"register-{sha256[:12]}", "register") as run, tempfile.TemporaryDirectory() as tmp:
         tracking.log_metrics(metrics)
         mlflow.log_dict(dict(metrics), f"evaluation/{METRICS_FILE}")
@@ -350,7 +386,7 @@ def _log_and_register(client: Any, model_dir: Path, metrics: Mapping[str, Any], 
             )
         run_tags = mlflow.get_run(run.info.run_id).data.tags
         provenance = {key: run_tags.get(key, "unknown") for key in ("data_version", "git_commit", "git_dirty")}
-        mv = _create_version(client, model_name, info, run.info.run_id, {TAG_SHA256: sha256, **provenance})
+        mv = _create_version(client, model_name, info, run.info.run_id, {**identity, **provenance})
         card = model_card(model_name, str(mv.version), sha256, metrics, params, model_dir, provenance, run.info.run_id)
         mlflow.log_text(card, "model_card.md")
         client.update_model_version(model_name, mv.version, description=card)
@@ -412,7 +448,8 @@ def model_card(model_name: str, version: str, sha256: str, metrics: Mapping[str,
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     metric_rows = "\n".join(f"| {key} | {_number(value)} |" for key, value in sorted(scalars.items()))
     trained_on = {k: config[k] for k in ("stage", "class_counts", "data_key", "settings_key") if k in config}
-    sections = {k: params[k] for k in ("paths", "synth", "split", "preprocess", "model", "loss", "train", "evaluate", "register") if k in params}
+    sections = {k: params[k] for k in ("paths", "synth", "split", "preprocess", "model", "loss", "train", *SERVED_SECTIONS,
+                                       "evaluate", "register") if k in params}
     return f"""# {model_name} v{version}
 
 DeepSC-COVID: joint 3D lung-lesion segmentation and COVID-19 / CAP / non-pneumonia classification

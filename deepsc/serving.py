@@ -34,7 +34,9 @@ only ``MlflowException``:
 
 A malformed JSON body or one without exactly one of ``inputs`` / ``instances`` /
 ``dataframe_split`` / ``dataframe_records`` is refused by MLflow itself with 400 before
-``predict`` runs. Diagnoses run one at a time per server process (a lock bounds memory); set
+``predict`` runs. Requests run one at a time per server process, base64 decoding included (a
+lock bounds memory to one scan; the JSON bodies of waiting requests are held by the server, so
+limit the body size at the ingress too); set
 ``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`` above the time of one full-size CPU diagnosis.
 
 This module imports MLflow at its top, unlike the rest of the package: its class must subclass
@@ -65,6 +67,7 @@ import mlflow.pyfunc  # noqa: E402
 log = logging.getLogger(__name__)
 
 FIELDS = ("nifti_b64", "path", "return_mask")
+REQUEST_FILES = ("request.nii.gz", "request.nii")  # where a nifti_b64 payload is written (gzip, plain)
 ALLOWED_ROOTS_ENV = "DEEPSC_SERVING_ALLOWED_ROOTS"
 DEFAULT_MAX_REQUEST_MB = 512.0
 DEFAULT_MAX_VOXELS = 512 * 512 * 1200  # a 1200-slice 512 x 512 scan (~1.2 GB as float32)
@@ -105,7 +108,9 @@ class DeepSCPyfunc(mlflow.pyfunc.PythonModel):
         max_voxels: largest accepted scan (voxels, checked from the header before reading).
         allowed_roots: folders whose files ``{"path": ...}`` requests may name (default none:
             path requests are refused; ``DEEPSC_SERVING_ALLOWED_ROOTS`` adds folders at serve time).
-        params: settings for the diagnosis (``lungseg``, ``validate``); None: the defaults.
+        params: settings for the diagnosis (``inference``, ``lungseg``, ``validate``; the
+            registry passes those of params.yaml, :data:`deepsc.registry.SERVED_SECTIONS`); None:
+            the defaults.
         device: auto | cpu | cuda.
     """
 
@@ -140,21 +145,29 @@ class DeepSCPyfunc(mlflow.pyfunc.PythonModel):
         ``model_input`` (a one-row DataFrame or a dict) carries no type hint on purpose: MLflow
         derives a schema from a hint and would then bypass the column signature.
         """
+        # one request at a time, decoding included: waiting requests hold only their JSON body
+        with self._lock, tempfile.TemporaryDirectory(prefix="deepsc-request-") as tmp:
+            request = parse_request(model_input, self.max_request_mb)
+            return self._diagnose_request(request, Path(tmp))
+
+    def _diagnose_request(self, request: Mapping[str, Any], tmp: Path) -> dict[str, Any]:
         from mlflow.exceptions import MlflowException
 
         from deepsc.errors import InputError
 
-        request = parse_request(model_input, self.max_request_mb)
         try:
-            with tempfile.TemporaryDirectory(prefix="deepsc-request-") as tmp:
-                volume = self._read(request, Path(tmp))
-                with self._lock:
-                    result = _diagnose(volume, self.predictor, self.params, self.model_info)
-                summary = result.summary
-                if request["return_mask"] and result.lesion_mask is not None:  # while the input file exists
-                    summary["lesion_mask_nifti_b64"] = mask_to_b64(result.lesion_mask, volume)
+            volume = self._read(request, tmp)
+            result = _diagnose(volume, self.predictor, self.params, self.model_info)
+            summary = result.summary
+            if request["nifti"] is not None:  # not the server's temporary file
+                summary["input"]["source"] = "request (nifti_b64)"
+            if request["return_mask"] and result.lesion_mask is not None:  # while the input file exists
+                summary["lesion_mask_nifti_b64"] = mask_to_b64(result.lesion_mask, volume)
         except InputError as exc:
-            raise request_error(str(exc)) from None
+            message = str(exc)
+            for name in REQUEST_FILES:  # the server's temporary file means nothing to the caller
+                message = message.replace(str(tmp / name), "the nifti_b64 scan")
+            raise request_error(message) from None
         except MlflowException:
             raise
         except MemoryError:
@@ -172,7 +185,7 @@ class DeepSCPyfunc(mlflow.pyfunc.PythonModel):
 
         if request["nifti"] is not None:
             payload = request["nifti"]
-            path = tmp / ("request.nii.gz" if payload[:2] == b"\x1f\x8b" else "request.nii")
+            path = tmp / REQUEST_FILES[0 if payload[:2] == b"\x1f\x8b" else 1]
             path.write_bytes(payload)
             return read_ct(path, "request", max_voxels=self.max_voxels)
         path = self._allowed_path(request["path"])
@@ -182,10 +195,15 @@ class DeepSCPyfunc(mlflow.pyfunc.PythonModel):
         roots = self.allowed_roots + [r for r in os.environ.get(ALLOWED_ROOTS_ENV, "").split(os.pathsep) if r]
         if not roots:
             raise request_error("path requests are disabled on this server; send the scan as nifti_b64")
-        path = Path(text).resolve()
-        if not any(path.is_relative_to(Path(root).resolve()) for root in roots):
+        try:
+            path = Path(text).resolve()
+            inside = any(path.is_relative_to(Path(root).resolve()) for root in roots)
+            exists = inside and path.exists()
+        except (OSError, ValueError) as exc:  # a NUL byte, a name too long, a symlink loop
+            raise request_error(f"path is not a usable file name ({type(exc).__name__}: {exc})") from None
+        if not inside:
             raise request_error("path is outside the folders this server may read")
-        if not path.exists():
+        if not exists:
             raise request_error(f"no such file or folder on the server: {path}")
         return path
 
@@ -225,8 +243,8 @@ def parse_request(model_input: Any, max_request_mb: float) -> dict[str, Any]:
     if len(encoded) // 4 * 3 > limit:
         raise request_error(f"the scan is too large: {len(encoded) // 4 * 3 / 2**20:.1f} MB decoded, "
                             f"the limit is {max_request_mb:g} MB")
-    try:
-        payload = base64.b64decode(encoded, validate=True)
+    try:  # line-wrapped base64 (`base64 scan.nii.gz` wraps at 76 columns) is still base64
+        payload = base64.b64decode("".join(encoded.split()), validate=True)
     except (binascii.Error, ValueError):
         raise request_error("nifti_b64 is not valid base64") from None
     if not payload:

@@ -204,8 +204,8 @@ def data_version(root: Path) -> str:
         return "unversioned"
     try:
         outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or []
-        md5 = outs[0].get("md5")
-    except (yaml.YAMLError, AttributeError, IndexError):
+        md5 = outs[0].get("md5") if isinstance(outs, list) else None
+    except (yaml.YAMLError, OSError, UnicodeDecodeError, AttributeError, IndexError, KeyError, TypeError):
         md5 = None
     if not md5:
         log.warning("%s has no md5 of its output; data version recorded as 'unversioned'", path)

@@ -185,6 +185,12 @@ def test_promote_rejects_bad_arguments(client, model_name, tmp_path):
         promote(client, model_name, "99", GOOD, TOLERANCE)
     with pytest.raises(ConfigError, match="tolerance.dsc"):
         promote(client, model_name, v1, GOOD, {"dsc": -0.1, "accuracy": 0.0})
+    with pytest.raises(ConfigError, match="tolerance.dsc"):  # YAML `yes` must not switch the gate off
+        promote(client, model_name, v1, GOOD, {"dsc": True, "accuracy": 0.0})
+    for bad in (float("nan"), float("inf"), True, "0.8"):  # a NaN champion would block every later candidate
+        with pytest.raises(InputError, match="dsc_mean"):
+            promote(client, model_name, v1, {**GOOD, "dsc_mean": bad}, TOLERANCE)
+    assert client.get_registered_model(model_name).aliases == {}
 
 
 def test_pinned_requirements_have_no_local_labels():
@@ -262,6 +268,23 @@ def test_register_model_is_idempotent_and_documents_the_version(client, params, 
     assert decision["alias"] == CHALLENGER and decision["version"] == worse.version
 
 
+@pytest.mark.filterwarnings("ignore:.*Any type hint")
+def test_same_weights_served_with_other_settings_are_a_new_version(client, params, model_name, tmp_path):
+    """The pyfunc carries the inference settings: the weights alone do not identify what is served."""
+    from deepsc.registry import TAG_SERVING, served_settings
+
+    settings = _settings(params, model_name)
+    first = _check_registration(client, settings, model_name, tmp_path, StandInPyfunc())
+    assert served_settings(settings)["inference"] == params["inference"]
+    changed = copy.deepcopy(settings)
+    changed["inference"]["mirror"] = not settings["inference"]["mirror"]
+    model_dir, eval_dir = tmp_path / "model", tmp_path / "evaluation"
+    second = register_model(model_dir, eval_dir, changed, python_model=StandInPyfunc())
+    assert second.created and second.version != first.version and second.sha256 == first.sha256
+    tags = [client.get_model_version(model_name, v).tags for v in (first.version, second.version)]
+    assert tags[0][TAG_SHA256] == tags[1][TAG_SHA256] and tags[0][TAG_SERVING] != tags[1][TAG_SERVING]
+
+
 def test_cli_refuses_missing_metrics_without_writing(tmp_path, monkeypatch, capsys, store):
     from deepsc.cli import main
 
@@ -281,6 +304,13 @@ def test_register_model_end_to_end_with_the_serving_pyfunc(client, params, model
 
     settings = _settings(params, model_name)
     first = _check_registration(client, settings, model_name, tmp_path, None)
+    import cloudpickle
+    import mlflow
+
+    pickled = mlflow.artifacts.download_artifacts(f"{first.model_uri}/python_model.pkl", dst_path=str(tmp_path / "pkl"))
+    served = cloudpickle.loads(Path(pickled).read_bytes())
+    assert {k: served.params[k] for k in ("inference", "lungseg", "validate")} == {
+        k: settings[k] for k in ("inference", "lungseg", "validate")}  # evaluated and served alike
     params_file = tmp_path / "params.yaml"
     from deepsc.config import dump_resolved
 

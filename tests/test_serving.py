@@ -82,7 +82,7 @@ def test_predict_returns_the_diagnosis_for_dict_and_dataframe_inputs(pyfunc, tmp
         ({"nifti_b64": "QUJD", "path": "/x"}, "exactly one of"),
         ({"image": "QUJD"}, "unknown field"),
         ({"nifti_b64": "not base64 !!"}, "not valid base64"),
-        ({"nifti_b64": base64.b64encode(b"\x1f\x8b\x08 corrupt").decode()}, "request"),
+        ({"nifti_b64": base64.b64encode(b"\x1f\x8b\x08 corrupt").decode()}, "the nifti_b64 scan"),
         ({"nifti_b64": "QUJD", "return_mask": "yes"}, "true or false"),
         ({"nifti_b64": "A" * int(MAX_REQUEST_MB * 2**20 * 1.5)}, "too large"),
         ({"path": "/etc/hostname"}, "disabled"),
@@ -93,6 +93,16 @@ def test_malformed_requests_are_400_with_a_reason(pyfunc, request_fields, messag
         pyfunc.predict(None, request_fields)
     assert _status(exc_info) == 400
     assert message in exc_info.value.message and "Traceback" not in exc_info.value.message
+    assert "deepsc-request-" not in exc_info.value.message  # never the server's temporary file
+
+
+def test_line_wrapped_base64_is_accepted(pyfunc, tmp_path):
+    """`base64 scan.nii.gz` wraps at 76 columns: still the same scan."""
+    encoded = nifti_b64(synthetic_ct().image, tmp_path)
+    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76)) + "\n"
+    answer = pyfunc.predict(None, {"nifti_b64": wrapped})
+    assert answer["classification"] == pyfunc.predict(None, {"nifti_b64": encoded})["classification"]
+    assert answer["input"]["source"] == "request (nifti_b64)"
 
 
 def test_non_ct_volume_is_400(pyfunc, tmp_path):
@@ -115,6 +125,10 @@ def test_path_requests_only_below_allowed_roots(tmp_path, monkeypatch):
         with pytest.raises(Exception) as exc_info:
             model.predict(None, {"path": outside})
         assert _status(exc_info) == 400 and "outside" in exc_info.value.message
+    for unusable in (str(scans / "a\x00b.nii.gz"), str(scans / ("a" * 300))):
+        with pytest.raises(Exception) as exc_info:
+            model.predict(None, {"path": unusable})
+        assert _status(exc_info) == 400 and "not a usable file name" in exc_info.value.message
 
 
 def test_internal_failures_are_500_without_traceback(pyfunc, tmp_path, monkeypatch):

@@ -116,6 +116,11 @@ def test_git_and_data_version_outside_a_checkout(tmp_path):
     assert tracking.data_version(tmp_path) == "unversioned"
     (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  size: 10\n  nfiles: 2\n  path: data\n")
     assert tracking.data_version(tmp_path) == "0123456789abcdef0123456789abcdef.dir"
+    for malformed in ("outs: {md5: abc}\n", "outs: [1, 2]\n", "outs: ][\n", "just text\n"):
+        (tmp_path / "data.dvc").write_text(malformed)
+        assert tracking.data_version(tmp_path) == "unversioned", malformed
+    (tmp_path / "data.dvc").write_bytes(b"\xff\xfe not utf-8")
+    assert tracking.data_version(tmp_path) == "unversioned"
 
 
 def test_git_dirty_follows_the_working_tree(tmp_path):
