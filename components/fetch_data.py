@@ -22,14 +22,16 @@ def fetch_data(
     import pandas as pd
 
     from deepsc.config import dump_resolved
-    from deepsc.data.fetch import fetch_cohort, resolve_params
+    from deepsc.data.fetch import fetch_cohort, resolve_params, resolve_provenance
 
-    settings = resolve_params(repo_url, data_version, profile, overrides_json)
+    pinned = resolve_provenance(repo_url, data_version)  # a branch name moves: fetch the commit it names now
+    settings = resolve_params(repo_url, pinned["git_commit"], profile, overrides_json)
+    settings["provenance"] = pinned  # the MLflow tags of every later step (no .git in their container)
     if mlflow_tracking_uri:
         settings["mlflow"]["tracking_uri"] = mlflow_tracking_uri
     dump_resolved(settings, params.path)
-    fetch_cohort(repo_url, data_version, Path(cohort.path))
+    fetch_cohort(repo_url, pinned["git_commit"], Path(cohort.path))
     manifest = pd.read_csv(Path(cohort.path) / "manifest.csv")
-    cohort.metadata.update({"data_version": data_version, "cases": len(manifest),
+    cohort.metadata.update({"data_version": pinned["data_version"], "git_commit": pinned["git_commit"], "cases": len(manifest),
                             **{f"n_{k}": int(v) for k, v in manifest["label"].value_counts().items()}})
     params.metadata["profile"] = settings["profile"]

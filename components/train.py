@@ -3,10 +3,10 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
-from components import IMAGE
+from components import GPU_IMAGE
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def pretrain_seg(preprocessed: Input[Dataset], split_table: Input[Dataset], params: Input[Artifact], model: Output[Model]):
     """Stage 1a: inception(seg) + lesion subnet, Dice + focal loss."""
     from pathlib import Path
@@ -18,7 +18,7 @@ def pretrain_seg(preprocessed: Input[Dataset], split_table: Input[Dataset], para
     model.metadata.update({"stage": "pretrain-seg", "framework": "pytorch"})
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def pretrain_cls(preprocessed: Input[Dataset], split_table: Input[Dataset], params: Input[Artifact], seg_init: Input[Model],
                  model: Output[Model]):
     """Stage 1b: inception(cls) + classification subnet, class-weighted cross-entropy (``seg_init``
@@ -33,7 +33,7 @@ def pretrain_cls(preprocessed: Input[Dataset], split_table: Input[Dataset], para
     model.metadata.update({"stage": "pretrain-cls", "framework": "pytorch"})
 
 
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def finetune(
     preprocessed: Input[Dataset],
     split_table: Input[Dataset],

@@ -53,6 +53,33 @@ def pipeline_arguments(repo_url: str, data_version: str, profile: str, overrides
     }
 
 
+def kfp_cron(expression: str) -> str:
+    """KFP's six-field cron (seconds first) from a standard five-field one (or a six-field one as is).
+
+    ``"0 3 * * 1"`` (03:00 on Mondays) becomes ``"0 0 3 * * 1"``; passed to KFP unchanged it would
+    mean minute 3 of every hour in January.
+    """
+    fields = str(expression).split()
+    if len(fields) == 5:
+        return " ".join(["0", *fields])
+    if len(fields) == 6:
+        return " ".join(fields)
+    raise ConfigError(f"--cron expects a cron expression of 5 fields (minute hour day month weekday), got {expression!r}")
+
+
+def check_cluster_arguments(arguments: dict[str, str]) -> None:
+    """What a cluster's pods need and this machine's defaults do not give: a repository URL they
+    can clone and an MLflow server they can reach (a local path or sqlite file is neither)."""
+    repo = arguments["repo_url"]
+    if ("://" not in repo and not repo.startswith("git@")) or repo.startswith("file://"):
+        raise ConfigError(f"--repo-url {repo!r} is a local path: the Kubeflow pods clone the repository, "
+                          "pass its URL (or set DEEPSC_REPO_URL)")
+    uri = arguments["mlflow_tracking_uri"]
+    if not uri.startswith(("http://", "https://", "databricks")):
+        raise ConfigError(f"a Kubeflow run needs a tracking server its pods can reach, got {uri or 'none'!r}: "
+                          "pass --mlflow-uri http://... (or set MLFLOW_TRACKING_URI)")
+
+
 def submit_pipeline(
     host: str | None,
     arguments: dict[str, str],
@@ -62,7 +89,13 @@ def submit_pipeline(
     cron: str | None = None,
     dry_run: bool = False,
 ) -> dict[str, Any]:
-    """Submit one run (or a recurring run when `cron` is set) to the Kubeflow host."""
+    """Submit one run (or a recurring run when `cron` is set) to the Kubeflow host.
+
+    A recurring run re-reads ``data_version`` (a branch) at every start: fetch_data is never
+    cached, so new data retrains and the same data re-uses the cached later steps.
+    """
+    check_cluster_arguments(arguments)
+    cron = kfp_cron(cron) if cron else None
     host = host or os.environ.get("KFP_HOST")
     run_name = run_name or f"deepsc-{arguments['data_version'][:12]}"
     request = {"host": host, "package": str(package_path), "experiment": experiment, "run_name": run_name,
@@ -114,7 +147,9 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""))
     parser.add_argument("--experiment", default="deepsc-covid")
     parser.add_argument("--run-name", default=None)
-    parser.add_argument("--cron", default=None, help="submit a recurring run with this cron expression")
+    parser.add_argument("--cron", default=None,
+                        help="submit a recurring run with this 5-field cron expression (e.g. '0 3 * * 1'; a 6-field "
+                             "one with seconds first is passed as it is)")
     parser.add_argument("--pipeline-root", type=Path, default=Path(".kfp_local"), help="run-local artifact folder")
     parser.add_argument("--dry-run", action="store_true", help="print what submit would send")
 

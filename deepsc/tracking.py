@@ -166,13 +166,22 @@ def start_run(
 
 
 def provenance_tags(params: Mapping[str, Any], stage: str) -> dict[str, str]:
-    """``git_commit``, ``git_dirty``, ``data_version``, ``stage`` and ``profile`` of this checkout."""
+    """``git_commit``, ``git_dirty``, ``data_version``, ``stage`` and ``profile``.
+
+    From this checkout, unless ``params`` carries a ``provenance`` section: a Kubeflow run's
+    first step pins the revision it fetched (:func:`deepsc.data.fetch.resolve_provenance`), and
+    its steps run in a container with neither ``.git`` nor ``data.dvc``.
+    """
     root = project_root()
-    commit, dirty = git_state(root)
+    pinned = params.get("provenance") or {}
+    if pinned.get("git_commit") and pinned.get("data_version"):
+        commit, dirty, data = str(pinned["git_commit"]), "False", str(pinned["data_version"])
+    else:
+        (commit, dirty), data = git_state(root), data_version(root)
     return {
         "git_commit": commit,
         "git_dirty": dirty,
-        "data_version": data_version(root),
+        "data_version": data,
         "stage": str(stage),
         "profile": str(params.get("profile", "default")),
     }
@@ -203,12 +212,23 @@ def data_version(root: Path) -> str:
     if not path.is_file():
         return "unversioned"
     try:
-        outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or []
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    return data_version_of(text, str(path))
+
+
+def data_version_of(text: str, where: str) -> str:
+    """The md5 of the first output of a ``.dvc`` file's text; 'unversioned' (logged) without one."""
+    import yaml
+
+    try:
+        outs = (yaml.safe_load(text) or {}).get("outs") or []
         md5 = outs[0].get("md5") if isinstance(outs, list) else None
-    except (yaml.YAMLError, OSError, UnicodeDecodeError, AttributeError, IndexError, KeyError, TypeError):
+    except (yaml.YAMLError, AttributeError, IndexError, KeyError, TypeError):
         md5 = None
     if not md5:
-        log.warning("%s has no md5 of its output; data version recorded as 'unversioned'", path)
+        log.warning("%s has no md5 of its output; data version recorded as 'unversioned'", where)
         return "unversioned"
     return str(md5)
 

@@ -1,9 +1,13 @@
 """The DeepSC-COVID training pipeline for Kubeflow Pipelines v2.
 
 fetch_data -> validate -> split -> preprocess -> pretrain_seg -> pretrain_cls -> finetune
--> evaluate -> register. Training steps ask for a GPU node (accelerator type and limit, node
-selector, toleration); every step has CPU and memory requests. Volumes and models travel as
-artifacts, never as parameters. Compile with `deepsc pipeline compile`.
+-> evaluate -> register. Training and evaluation run the CUDA image on a GPU node (accelerator
+type and limit, node selector, toleration); every step has CPU and memory requests. Volumes and
+models travel as artifacts, never as parameters. Compile with `deepsc pipeline compile`.
+
+fetch_data reads the DVC remote with the keys of the Secret :data:`S3_SECRET` in the run's
+namespace (optional: without it, an IAM role / IRSA must grant access) and is never cached: a
+recurring run must see what the branch names now. The later steps are cached on their inputs.
 """
 
 from kfp import dsl, kubernetes
@@ -19,6 +23,8 @@ from components.validate import validate
 PIPELINE_NAME = "deepsc-covid-training"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")
+S3_SECRET = "deepsc-dvc-s3"
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
 
 
 def _resources(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTask:
@@ -49,6 +55,8 @@ def deepsc_pipeline(
     """
     data = _resources(fetch_data(repo_url=repo_url, data_version=data_version, profile=profile,
                                  overrides_json=overrides_json, mlflow_tracking_uri=mlflow_tracking_uri), "1", "2Gi")
+    data.set_caching_options(False)
+    kubernetes.use_secret_as_env(data, secret_name=S3_SECRET, secret_key_to_env={k: k for k in S3_SECRET_KEYS}, optional=True)
     params = data.outputs["params"]
     gate = _resources(validate(cohort=data.outputs["cohort"], params=params), "2", "8Gi")
     splits = _resources(split(cohort=data.outputs["cohort"], params=params), "1", "1Gi").after(gate)

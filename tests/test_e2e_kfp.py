@@ -39,5 +39,12 @@ def test_pipeline_runs_locally_and_registers_a_champion(tmp_path, monkeypatch):
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # other tests may set a global registry
     champion = client.get_model_version_by_alias("deepsc-covid", "champion")
     assert str(champion.version) == "1"
-    run_info = client.get_run(champion.run_id)
-    assert run_info.data.tags.get("data_version") or run_info.data.tags.get("git_commit")
+    # every step's run names the fetched commit and its data.dvc md5, not this checkout's
+    import yaml
+
+    md5 = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    runs = client.search_runs([client.get_run(champion.run_id).info.experiment_id])
+    stages = {r.data.tags.get("stage") for r in runs}
+    assert {"pretrain-seg", "pretrain-cls", "finetune", "register"} <= stages
+    for tracked in runs:
+        assert (tracked.data.tags["git_commit"], tracked.data.tags["data_version"]) == (revision, md5), tracked.info.run_name

@@ -135,3 +135,22 @@ def test_git_dirty_follows_the_working_tree(tmp_path):
     assert len(commit) == 40 and dirty == "false"
     (tmp_path / "a.txt").write_text("b")
     assert tracking.git_state(tmp_path) == (commit, "true")
+
+
+def test_a_pinned_revision_names_the_runs_of_a_container_without_git(tmp_path, monkeypatch):
+    """Kubeflow steps run where there is no .git nor data.dvc: fetch_data's pinned revision
+    (resolved here from this checkout) tags their runs instead of 'unknown' / 'unversioned'."""
+    from deepsc.data.fetch import resolve_provenance
+
+    root = tracking.project_root()
+    if not (root / ".git").exists() or not (root / "data.dvc").is_file():
+        pytest.skip("needs the git checkout with data.dvc")
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    committed = subprocess.run(["git", "-C", str(root), "show", "HEAD:data.dvc"], capture_output=True, text=True, check=True).stdout
+    pinned = resolve_provenance(str(root), "HEAD")
+    assert (pinned["git_commit"], pinned["data_version"]) == (head, tracking.data_version_of(committed, "HEAD:data.dvc"))
+
+    monkeypatch.setattr(tracking, "project_root", lambda: tmp_path)  # as in the container
+    assert tracking.provenance_tags({}, "finetune")["data_version"] == "unversioned"
+    tags = tracking.provenance_tags({"provenance": pinned}, "finetune")
+    assert (tags["git_commit"], tags["data_version"], tags["git_dirty"]) == (head, pinned["data_version"], "False")

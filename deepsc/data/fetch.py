@@ -33,6 +33,24 @@ def fetch_cohort(repo: str, rev: str, out_dir: Path, data_path: str = "data") ->
     return out_dir
 
 
+def resolve_provenance(repo: str, rev: str) -> dict[str, str]:
+    """``{"git_commit", "data_version", "repo"}`` of `repo` at `rev`: the commit the revision
+    resolves to (a branch moves; the commit does not) and the md5 its ``data.dvc`` pins. The
+    Kubeflow steps tag their MLflow runs with them (``params["provenance"]``)."""
+    import dvc.api
+    from dvc.repo import Repo
+
+    from deepsc.tracking import data_version_of
+
+    try:
+        with Repo.open(repo, rev=rev or None) as opened:
+            commit = opened.get_rev()
+        text = dvc.api.read("data.dvc", repo=repo, rev=commit)
+    except Exception as exc:  # dvc raises many types; the user needs repo, rev and the reason
+        raise DeepSCError(f"cannot resolve revision {rev or 'HEAD'} of {repo}: {exc}") from None
+    return {"git_commit": str(commit), "data_version": data_version_of(text, f"{repo}@{commit}:data.dvc"), "repo": str(repo)}
+
+
 def resolve_params(repo: str, rev: str, profile: str = "", overrides_json: str = "{}") -> dict[str, Any]:
     """params.yaml of `repo` at `rev`, with a profile and dotted JSON overrides applied."""
     import tempfile
