@@ -62,6 +62,23 @@ def _toy_worker(rank: int, port: int, out: str) -> None:
                  Path(out) / "run", progress=False)
     torch.save(result.model.state_dict(), Path(out) / f"rank{rank}.pt")
     torch.save(result.history, Path(out) / f"history{rank}.pt")
+    # without dropout (no per-rank randomness), against one process with the whole batch
+    plain = fit(_plain_model(seed=rank), ToyDataset(), ToyAdapter(), PLAIN_CONFIG(batch_size=3), Path(out) / "plain",
+                progress=False)
+    torch.save(plain.model.state_dict(), Path(out) / f"plain{rank}.pt")
+
+
+def _plain_model(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+
+def PLAIN_CONFIG(batch_size: int):  # noqa: N802 - a settings factory shared by both sides of the comparison
+    from deepsc.train.engine import EngineConfig
+
+    return EngineConfig(epochs=3, lr=5e-2, batch_size=batch_size, seed=4)
 
 
 def test_engine_two_gloo_processes_agree(tmp_path):
@@ -78,6 +95,18 @@ def test_engine_two_gloo_processes_agree(tmp_path):
     histories = [torch.load(tmp_path / f"history{r}.pt", weights_only=False) for r in range(WORLD)]
     strip = lambda history: [{k: v for k, v in record.items() if k != "seconds"} for record in history]  # noqa: E731
     assert strip(histories[0]) == strip(histories[1])
+
+    # the sampler splits each global batch between the ranks and DDP averages their gradients:
+    # two ranks of 3 scans train like one process with batches of 6 (rank 0's initial weights)
+    from deepsc.train.engine import fit
+    from test_train import ToyAdapter, ToyDataset
+
+    single = fit(_plain_model(seed=0), ToyDataset(), ToyAdapter(), PLAIN_CONFIG(batch_size=6), tmp_path / "single",
+                 progress=False).model.state_dict()
+    parallel = torch.load(tmp_path / "plain0.pt", weights_only=True)
+    untrained = _plain_model(seed=0).state_dict()
+    assert all(torch.allclose(parallel[k], single[k], atol=1e-5) for k in single)
+    assert not all(torch.allclose(untrained[k], single[k], atol=1e-3) for k in single)  # it did train
 
 
 def _fake_stage1(folder: Path, stage: str, state: dict, params: dict) -> Path:

@@ -144,6 +144,21 @@ def test_internal_failures_are_500_without_traceback(pyfunc, tmp_path, monkeypat
     assert "stack_trace" not in exc_info.value.serialize_as_json()
 
 
+def test_out_of_memory_is_503_and_a_model_without_its_folder_is_refused(pyfunc, tmp_path, monkeypatch):
+    from deepsc import serving
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(serving, "_diagnose", exhausted)
+    with pytest.raises(Exception) as exc_info:
+        pyfunc.predict(None, {"nifti_b64": nifti_b64(synthetic_ct().image, tmp_path)})
+    assert _status(exc_info) == 503 and "out of memory" in exc_info.value.message
+    with pytest.raises(Exception) as exc_info:
+        serving.DeepSCPyfunc().load_context(SimpleNamespace(artifacts={}))
+    assert _status(exc_info) == 500 and "model_dir" in exc_info.value.message
+
+
 def test_constructor_rejects_bad_limits():
     from deepsc.serving import DeepSCPyfunc
 
