@@ -20,18 +20,21 @@ Steps (:func:`diagnose_volume`, the one core shared with the MLflow pyfunc of
    PLR at 15 mm, HU bands), the MosMedData severity grade and per-slice lesion calls.
 
 ``diagnosis.json`` (the summary dict) holds: ``case_id``, ``disclaimer``, ``model`` (name,
-version, source), ``input`` (source, shape, spacing), ``classification`` (probabilities per
-class, ``decision``; None for a segmentation-only model), ``lesions`` (count, total and
-per-lesion volumes in mL, LVR, PLR, HU band fractions; None for a classification-only model),
-``severity`` (grade CT-0..CT-4), ``slices`` (one call per original axial slice, ``z = 0`` the
-most inferior, with the DICOM InstanceNumber when known), ``timing`` (seconds per step, peak
-RSS in MB) and ``warnings``.
+version, source), ``input`` (source, shape, spacing), ``classification`` (the softmax score
+of each class under ``probabilities``: not calibrated, and the report shows them in whole
+percent; ``decision``; None for a segmentation-only model), ``lesions`` (count, total and
+per-lesion volumes in mL, per-lesion centre in the scanner's LPS patient coordinates, LVR, PLR,
+HU band fractions; None for a classification-only model), ``severity`` (grade CT-0..CT-4),
+``slices`` (one call per original axial slice, ``z = 0`` the most inferior, with the DICOM
+InstanceNumber or the file's own slice index, as a viewer of the input numbers it), ``timing``
+(seconds per step; peak RSS in MB of the process, over its whole life in a server) and
+``warnings`` (e.g. a class decision the segmentation contradicts, either way).
 
 Severity (MosMedData bands of the share of the lungs involved, ``p = 100 * LVR``): CT-0 no
 lesion, CT-1 ``0 < p < 25``, CT-2 ``25 <= p < 50``, CT-3 ``50 <= p < 75``, CT-4 ``p >= 75``.
 
 Files written into ``out_dir``: ``lesion_mask.nii.gz`` (uint8; for a NIfTI input the same shape,
-axis order and affine as the input file, otherwise the canonical LPS grid of the scan: it overlays
+axis order, affine and orientation codes as the input file, otherwise the canonical LPS grid of the scan: it overlays
 the scan in any viewer, see :func:`nifti_like_input`), ``evidence_1.nii.gz`` ..
 ``evidence_3.nii.gz`` (values in [0, 1] stored as scaled uint8, same grid), ``report.html``
 (self-contained) and ``diagnosis.json`` (written last). The NIfTIs and the report are staged and
@@ -136,22 +139,43 @@ def severity_grade(lvr: float) -> dict[str, Any]:
     return {"grade": grade, "lung_involvement_percent": round(percent, 3), "description": description}
 
 
-def slice_calls(lesion: np.ndarray, voxel_ml: float, instance_numbers: list[int | None] | None = None) -> dict[str, Any]:
+def slice_names(volume: CTVolume) -> tuple[str, list[int] | None]:
+    """How a viewer of the INPUT finds each canonical slice ``z``: ``("image", InstanceNumbers)``
+    for DICOM, ``("file slice", indices)`` along the file's own slice axis for NIfTI / MHA / NRRD
+    (``z = 0`` is the most inferior slice, which need not be the file's first), else ``("z", None)``."""
+    count = volume.shape[0]
+    numbers = volume.meta.get("instance_numbers")
+    if numbers and len(numbers) == count and all(isinstance(v, int) for v in numbers):
+        return "image", [int(v) for v in numbers]
+    axis_of_z = volume.meta.get("file_axis_of_z")
+    if axis_of_z:
+        axis, reversed_ = int(axis_of_z[0]), bool(axis_of_z[1])
+        name = "file slice" if axis == 2 else f"file index on axis {axis}"
+        return name, [count - 1 - z if reversed_ else z for z in range(count)]
+    return "z", None
+
+
+def slice_calls(lesion: np.ndarray, voxel_ml: float, instance_numbers: list[int | None] | None = None,
+                file_slices: tuple[str, list[int] | None] | None = None) -> dict[str, Any]:
     """Per axial slice of the ORIGINAL scan: does the predicted mask hold lesion voxels?
 
     Args:
         lesion: uint8 ``(Z, Y, X)`` on the input's grid (``z = 0`` the most inferior slice).
         voxel_ml: volume of one voxel in mL.
         instance_numbers: DICOM InstanceNumber of each z (``volume.meta``), if known.
+        file_slices: :func:`slice_names` of the input: how its viewer numbers each z.
 
     Returns:
         ``count``, ``with_lesion``, ``ranges`` (inclusive z runs with lesions), ``ranges_text``
-        and ``calls``: one ``{"z", "instance_number", "lesion", "lesion_ml"}`` per slice.
+        (each run also named as the input's viewer numbers it) and ``calls``: one ``{"z",
+        "instance_number", "file_slice", "lesion", "lesion_ml"}`` per slice.
     """
     voxels = lesion.reshape(lesion.shape[0], -1).sum(axis=1, dtype=np.int64)
     numbers = instance_numbers if instance_numbers and len(instance_numbers) == lesion.shape[0] else [None] * lesion.shape[0]
-    calls = [{"z": z, "instance_number": numbers[z], "lesion": bool(v > 0), "lesion_ml": round(float(v) * voxel_ml, 4)}
-             for z, v in enumerate(voxels)]
+    kind, names = file_slices if file_slices else ("z", None)
+    indices = names if kind.startswith("file") and names else [None] * lesion.shape[0]
+    calls = [{"z": z, "instance_number": numbers[z], "file_slice": indices[z], "lesion": bool(v > 0),
+              "lesion_ml": round(float(v) * voxel_ml, 4)} for z, v in enumerate(voxels)]
     positive = np.flatnonzero(voxels > 0)
     ranges: list[list[int]] = []
     for z in positive.tolist():
@@ -159,16 +183,26 @@ def slice_calls(lesion: np.ndarray, voxel_ml: float, instance_numbers: list[int 
             ranges[-1][1] = z
         else:
             ranges.append([z, z])
-    text = ", ".join(f"z {a}" if a == b else f"z {a}-{b}" for a, b in ranges)
-    return {"count": int(lesion.shape[0]), "with_lesion": int(positive.size), "ranges": ranges, "ranges_text": text,
-            "calls": calls}
+
+    same_as_z = names == list(range(len(voxels)))  # the file counts like z: naming it twice says nothing
+
+    def run_text(a: int, b: int) -> str:
+        text = f"z {a}" if a == b else f"z {a}-{b}"
+        if names and not same_as_z:
+            text += f" ({kind} {names[a]})" if a == b else f" ({kind}s {names[a]}-{names[b]})"
+        return text
+
+    return {"count": int(lesion.shape[0]), "with_lesion": int(positive.size), "ranges": ranges,
+            "ranges_text": ", ".join(run_text(a, b) for a, b in ranges), "calls": calls}
 
 
 def lesion_summary(image_hu: np.ndarray, lesion: np.ndarray, lung: np.ndarray, spacing: tuple[float, float, float],
-                   case_id: str) -> dict[str, Any]:
+                   case_id: str, affine: np.ndarray | None = None) -> dict[str, Any]:
     """Statistics of a cleaned lesion mask with :mod:`deepsc.data.analysis` (same definitions as
     ``deepsc analyze``): count, volumes (mL), LVR, PLR at the headline sigma, HU band fractions,
-    and one entry per lesion (largest first: volume, centre and extent in mm)."""
+    and one entry per lesion (largest first: volume, extent in mm, centre as ``centroid_mm_zyx``
+    from the array's first voxel and, given the scan's RAS ``affine``, ``centroid_lps_mm``: the
+    scanner's patient coordinates (x to the left, y posterior, z superior, as DICOM viewers show))."""
     from scipy import ndimage
 
     from deepsc.data.analysis import HEADLINE_PLR_SIGMA_MM, case_lesion_stats, lesion_components
@@ -186,12 +220,16 @@ def lesion_summary(image_hu: np.ndarray, lesion: np.ndarray, lung: np.ndarray, s
         boxes = ndimage.find_objects(labels)
         for index in np.argsort(-sizes, kind="stable"):
             box = boxes[index]
-            components.append({
+            component = {
                 "id": len(components) + 1,
                 "volume_ml": round(float(sizes[index]) * voxel_ml, 4),
                 "centroid_mm_zyx": [round(c * s, 1) for c, s in zip(centres[index], spacing)],
                 "extent_mm_zyx": [round((b.stop - b.start) * s, 1) for b, s in zip(box, spacing)],
-            })
+            }
+            if affine is not None:
+                ras = np.asarray(affine)[:3, :3] @ np.asarray(centres[index][::-1]) + np.asarray(affine)[:3, 3]
+                component["centroid_lps_mm"] = [round(float(v), 1) for v in (-ras[0], -ras[1], ras[2])]
+            components.append(component)
     plr = stats.plr.get(HEADLINE_PLR_SIGMA_MM, math.nan)
     return {
         "count": int(stats.lesion_count),
@@ -342,11 +380,14 @@ def _summary(volume: CTVolume, lesion: np.ndarray | None, lung: np.ndarray, pred
         classification = {"probabilities": probs, "decision": decision, "decision_label": CLASS_LABELS[decision]}
     lesions = severity = slices = None
     if lesion is not None:
-        lesions = lesion_summary(volume.array, lesion, lung, volume.spacing, volume.case_id)
+        lesions = lesion_summary(volume.array, lesion, lung, volume.spacing, volume.case_id, volume.affine)
         severity = severity_grade(lesions["lvr"])
-        slices = slice_calls(lesion, volume.voxel_volume_ml, volume.meta.get("instance_numbers"))
+        slices = slice_calls(lesion, volume.voxel_volume_ml, volume.meta.get("instance_numbers"), slice_names(volume))
         if classification and classification["decision"] == "normal" and lesions["count"]:
             warnings_.append("the classifier says no pneumonia but the segmentation found lesions: review the images")
+        if classification and classification["decision"] != "normal" and not lesions["count"]:
+            warnings_.append(f"the classifier says {classification['decision_label']} but the segmentation found no lesion: "
+                             "review the images")
     info = dict(model_info or {"name": predictor.name, "version": None, "source": predictor.source})
     return {
         "case_id": volume.case_id,
@@ -477,7 +518,8 @@ def write_outputs(volume: CTVolume, result: Diagnosis, out_dir: Path) -> list[Pa
             atomic_write_bytes(staging / "lesion_mask.nii.gz", nifti_like_input(result.lesion_mask, volume, np.uint8))
         for index, vmap in enumerate(result.evidence or [], start=1):
             atomic_write_bytes(staging / f"evidence_{index}.nii.gz", nifti_like_input(vmap, volume, np.float32, np.uint8))
-        figures = diagnosis_figures(volume.array, volume.spacing, result.lesion_mask, result.lung_mask, result.evidence)
+        figures = diagnosis_figures(volume.array, volume.spacing, result.lesion_mask, result.lung_mask, result.evidence,
+                                    slice_names(volume))
         atomic_write_bytes(staging / "report.html", diagnosis_html(result.summary, figures).encode("utf-8"))
         # no diagnosis.json while files change; outputs of an earlier run this one lacks would mislead
         for name in ("diagnosis.json", *OUTPUT_FILES):
@@ -521,13 +563,20 @@ def nifti_like_input(array_zyx: np.ndarray, volume: CTVolume, dtype: Any, stored
         transform = orientations.ornt_transform(orientations.axcodes2ornt(("L", "P", "S")),
                                                 orientations.io_orientation(original.affine))
         data, affine = orientations.apply_orientation(data, transform), original.affine
-        codes = (int(original.header["qform_code"]) or 1, int(original.header["sform_code"]) or 1)
+        # the input's codes, 0 included: a file without orientation is then read like the input
+        # (ITK-based viewers would otherwise place the mask by the fallback affine, flipped)
+        codes = (int(original.header["qform_code"]), int(original.header["sform_code"]))
         if data.shape != tuple(original.shape[:3]):
             raise ValueError(f"{source}: reoriented shape {data.shape} differs from the file's {original.shape[:3]}")
-    image = nib.Nifti1Image(np.ascontiguousarray(data.astype(dtype)), affine)
-    image.header.set_xyzt_units("mm", "sec")
-    image.set_qform(affine, code=codes[0])
-    image.set_sform(affine, code=codes[1])
+    if codes == (0, 0):  # no affine: nibabel would add one (sform code 2); readers use the voxel sizes alone
+        image = nib.Nifti1Image(np.ascontiguousarray(data.astype(dtype)), None)
+        image.header.set_zooms(original.header.get_zooms()[:3])
+        image.header.set_xyzt_units("mm", "sec")
+    else:
+        image = nib.Nifti1Image(np.ascontiguousarray(data.astype(dtype)), affine)
+        image.header.set_xyzt_units("mm", "sec")
+        image.set_qform(affine, code=codes[0])
+        image.set_sform(affine, code=codes[1])
     if stored_dtype is not None:
         image.set_data_dtype(stored_dtype)
     return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
@@ -565,11 +614,13 @@ def run_cli(args: argparse.Namespace, params: Mapping[str, Any]) -> int:
 
 
 def one_line(summary: Mapping[str, Any]) -> str:
-    """``case: decision (p) | n lesions, x mL, LVR y %, CT-k`` for the terminal."""
+    """``case: decision (score) | n lesions, x mL, LVR y %, CT-k`` for the terminal."""
+    from deepsc.report import score_text
+
     parts = [str(summary["case_id"])]
     cls = summary.get("classification")
     if cls:
-        parts.append(f"{cls['decision_label']} (p = {cls['probabilities'][cls['decision']]:.2f})")
+        parts.append(f"{cls['decision_label']} (score {score_text(cls['probabilities'][cls['decision']])})")
     lesions, severity = summary.get("lesions"), summary.get("severity")
     if lesions:
         parts.append(f"{lesions['count']} lesion(s), {lesions['total_volume_ml']:.1f} mL, LVR {100 * lesions['lvr']:.1f} %, "

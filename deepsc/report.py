@@ -59,9 +59,25 @@ def _window(hu: np.ndarray) -> np.ndarray:
     return np.clip((hu.astype(np.float32) - low) / (high - low), 0.0, 1.0)
 
 
+def score_text(score: float) -> str:
+    """A class score as people should read it: whole percent, never "100 %" or "0 %".
+
+    The scores are the network's softmax outputs, not calibrated probabilities: more digits
+    would claim a precision they do not have."""
+    percent = 100.0 * float(score)
+    if percent > 99.0:
+        return "> 99 %"
+    if percent < 1.0:
+        return "< 1 %"
+    return f"{percent:.0f} %"
+
+
 def _overlay(ax: Any, background_hu: np.ndarray, mask: np.ndarray | None, heat: np.ndarray | None, aspect: float,
              title: str, origin: str = "upper") -> None:
-    """CT in the lung window, optional heat map (evidence) and lesion mask outline/fill."""
+    """CT in the lung window, optional heat map (evidence) and lesion mask outline/fill.
+
+    The outline is drawn in the pixel coordinates imshow uses for either ``origin`` (contour's
+    own ``origin`` argument would mirror it top to bottom against the fill)."""
     ax.imshow(_window(background_hu), cmap="gray", vmin=0, vmax=1, aspect=aspect, origin=origin, interpolation="nearest")
     if heat is not None:
         ax.imshow(np.ma.masked_less(heat, 0.05), cmap="jet", vmin=0, vmax=1, alpha=0.45, aspect=aspect, origin=origin,
@@ -70,7 +86,7 @@ def _overlay(ax: Any, background_hu: np.ndarray, mask: np.ndarray | None, heat: 
         rgba = np.zeros((*mask.shape, 4), dtype=np.float32)
         rgba[mask > 0] = LESION_RGBA
         ax.imshow(rgba, aspect=aspect, origin=origin, interpolation="nearest")
-        ax.contour(mask > 0, levels=[0.5], colors=["red"], linewidths=0.8, origin=origin)
+        ax.contour(mask > 0, levels=[0.5], colors=["red"], linewidths=0.8)
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
 
@@ -101,29 +117,43 @@ def representative_slices(lesion: np.ndarray | None, lung: np.ndarray, count: in
     return sorted(chosen)
 
 
+def slice_label(z: int, names: tuple[str, Sequence[int] | None] | None) -> str:
+    """``"image 57"`` / ``"file slice 40"`` (:func:`deepsc.diagnose.slice_names`), else ``"slice z"``."""
+    if names and names[1] is not None:
+        return f"{names[0]} {names[1][z]}"
+    return f"slice {z}"
+
+
 def axial_figure(hu: np.ndarray, spacing: Sequence[float], lesion: np.ndarray | None, lung: np.ndarray,
-                 evidence: Sequence[np.ndarray] | None) -> bytes:
+                 evidence: Sequence[np.ndarray] | None, names: tuple[str, Sequence[int] | None] | None = None) -> bytes:
     """Axial views of the representative slices: lesions, and each evidence map (shown inside the
-    lungs, the only region the model sees) when given."""
+    lungs, the only region the model sees) when given. Slices are titled as the input's viewer
+    numbers them (`names`)."""
     plt = _pyplot()
     slices = representative_slices(lesion, lung)
     rows = 1 + (len(evidence) if evidence else 0)
     fig, axes = plt.subplots(rows, len(slices), figsize=(3.2 * len(slices), 3.3 * rows), squeeze=False)
     aspect = spacing[1] / spacing[2]
     for col, z in enumerate(slices):
-        _overlay(axes[0, col], hu[z], None if lesion is None else lesion[z], None, aspect, f"axial slice {z}: lesions")
+        label = slice_label(z, names)
+        _overlay(axes[0, col], hu[z], None if lesion is None else lesion[z], None, aspect, f"{label}: lesions")
         for row, vmap in enumerate(evidence or [], start=1):
-            _overlay(axes[row, col], hu[z], None, vmap[z] * (lung[z] > 0), aspect, f"slice {z}: evidence V{row}")
+            _overlay(axes[row, col], hu[z], None, vmap[z] * (lung[z] > 0), aspect, f"{label}: evidence V{row}")
     fig.suptitle("Axial (anterior up, patient right on the left)", fontsize=10)
     return figure_png(fig)
 
 
 def coronal_figure(hu: np.ndarray, spacing: Sequence[float], lesion: np.ndarray | None, lung: np.ndarray,
                    evidence: Sequence[np.ndarray] | None) -> bytes:
-    """Coronal view through the lesion (or lung) centre: lesions, and the finest evidence map."""
+    """Coronal view through the row with the most lesion voxels (without lesions, the middle of
+    the lungs): lesions, and the finest evidence map. (A mean row could fall between two lesions.)"""
     plt = _pyplot()
-    source = lesion if lesion is not None and lesion.any() else lung
-    y = int(round(float(np.argwhere(source).mean(axis=0)[1]))) if source.any() else hu.shape[1] // 2
+    if lesion is not None and lesion.any():
+        y = int(np.argmax(lesion.sum(axis=(0, 2), dtype=np.int64)))
+    elif lung.any():
+        y = int(round(float(np.argwhere(lung).mean(axis=0)[1])))
+    else:
+        y = hu.shape[1] // 2
     panels = [("lesions", None if lesion is None else lesion[:, y, :], None)]
     if evidence:
         panels.append((f"evidence V{len(evidence)}", None, evidence[-1][:, y, :] * (lung[:, y, :] > 0)))
@@ -188,10 +218,11 @@ def _meshes(mask: np.ndarray, spacing: Sequence[float]) -> list[tuple[np.ndarray
 
 
 def diagnosis_figures(hu: np.ndarray, spacing: Sequence[float], lesion: np.ndarray | None, lung: np.ndarray,
-                      evidence: Sequence[np.ndarray] | None) -> dict[str, bytes]:
+                      evidence: Sequence[np.ndarray] | None,
+                      names: tuple[str, Sequence[int] | None] | None = None) -> dict[str, bytes]:
     """All figures of the diagnosis report (PNG bytes), keyed axial / coronal / surface."""
     return {
-        "axial": axial_figure(hu, spacing, lesion, lung, evidence),
+        "axial": axial_figure(hu, spacing, lesion, lung, evidence, names),
         "coronal": coronal_figure(hu, spacing, lesion, lung, evidence),
         "surface": surface_figure(lung, lesion, spacing),
     }
@@ -238,8 +269,10 @@ def diagnosis_html(summary: Mapping[str, Any], figures: Mapping[str, bytes]) -> 
     parts.append("<h2>Classification</h2>")
     if cls:
         parts.append(f"<p class=decision>Model decision: {esc(cls['decision_label'])} "
-                     f"(probability {cls['probabilities'][cls['decision']]:.1%})</p>")
-        parts.append(_table([(name, f"{p:.1%}") for name, p in cls["probabilities"].items()], ("class", "probability")))
+                     f"(score {esc(score_text(cls['probabilities'][cls['decision']]))})</p>")
+        parts.append(_table([(name, score_text(p)) for name, p in cls["probabilities"].items()], ("class", "model score")))
+        parts.append("<p class=small>Scores are the network's outputs for the three classes (they add up to 100 %); "
+                     "they are not calibrated probabilities of disease.</p>")
     else:
         parts.append("<p>This model has no classification output (segmentation-only model).</p>")
     lesions, severity = summary.get("lesions"), summary.get("severity")
@@ -254,17 +287,26 @@ def diagnosis_html(summary: Mapping[str, Any], figures: Mapping[str, bytes]) -> 
                 ("severity (MosMedData CT-0..CT-4)", f"{severity['grade']}: {severity['description']}")]
         parts.append(_table(rows))
         if lesions["components"]:
-            comp = [(c["id"], c["volume_ml"], ", ".join(f"{v:.0f}" for v in c["centroid_mm_zyx"]),
+            centre = "centroid_lps_mm" if all("centroid_lps_mm" in c for c in lesions["components"]) else "centroid_mm_zyx"
+            centre_header = ("centre x, y, z (mm, scanner LPS as DICOM viewers show it)" if centre == "centroid_lps_mm"
+                             else "centre z, y, x (mm from the first voxel)")
+            comp = [(c["id"], c["volume_ml"], ", ".join(f"{v:.0f}" for v in c[centre]),
                      " x ".join(f"{v:.0f}" for v in c["extent_mm_zyx"])) for c in lesions["components"][:20]]
-            parts.append(_table(comp, ("lesion", "volume (mL)", "centre (z, y, x voxel mm)", "extent z x y x x (mm)")))
+            parts.append(_table(comp, ("lesion", "volume (mL)", centre_header, "extent z x y x x (mm)")))
         slices = summary["slices"]
         parts.append(f"<p>{slices['with_lesion']} of {slices['count']} axial slices hold predicted lesion voxels"
                      f"{': ' + esc(slices['ranges_text']) if slices['ranges_text'] else ''}.</p>")
     else:
         parts.append("<p>This model has no segmentation output (classification-only model).</p>")
-    captions = {"axial": "Axial slices with the largest lesion area: lesions (red) and evidence maps V1 (coarse) to V3 (fine), "
-                         "the lung regions that drove the classification (shown inside the lungs only).",
-                "coronal": "Coronal slice through the lesions.",
+    found = bool(lesions and lesions["count"])
+    decision = f"'{cls['decision_label']}'" if cls else "the decision"
+    captions = {"axial": ("Axial slices with the largest lesion area: lesions (red)" if found else
+                          "Axial slices through the lungs (no lesion found)")
+                         + (f"; evidence maps V1 (coarse) to V3 (fine): where the classifier's features weighed most "
+                            f"for {decision}, inside the lungs. Each map is scaled to its own maximum in this scan: "
+                            "relative, not a measure of disease." if summary.get("classification") else "."),
+                "coronal": "Coronal slice through the row with the most lesion voxels." if found else
+                           "Coronal slice through the middle of the lungs (no lesion found).",
                 "surface": "3D view of the segmented lungs and the predicted lesions."}
     parts.append("<h2>Images</h2>")
     for key, caption in captions.items():

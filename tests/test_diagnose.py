@@ -138,6 +138,73 @@ def test_slice_calls_name_each_slice_and_its_instance_number():
     assert result["calls"][2]["lesion_ml"] == 2.0
     assert result["ranges"] == [[1, 2], [4, 4]] and result["ranges_text"] == "z 1-2, z 4"
     assert result["with_lesion"] == 3 and result["count"] == 6
+    named = slice_calls(mask, 0.5, [60, 50, 40, 30, 20, 10], ("image", [60, 50, 40, 30, 20, 10]))
+    assert named["ranges_text"] == "z 1-2 (images 50-40), z 4 (image 20)"
+    stored_upside_down = slice_calls(mask, 0.5, None, ("file slice", [5, 4, 3, 2, 1, 0]))
+    assert stored_upside_down["ranges_text"] == "z 1-2 (file slices 4-3), z 4 (file slice 1)"
+    assert [c["file_slice"] for c in stored_upside_down["calls"]] == [5, 4, 3, 2, 1, 0]
+
+
+def test_report_names_slices_and_lesion_centres_as_a_viewer_of_the_file_does(tmp_path):
+    """A NIfTI stored head first (A, R, I axes): the report's slice numbers and lesion centres
+    are the file's and the scanner's, not deepsc's internal z and array corner."""
+    import nibabel as nib
+    from nibabel import orientations
+
+    from deepsc.data.io import read_ct
+    from deepsc.diagnose import lesion_summary, slice_calls, slice_names
+
+    case = synthetic_ct()
+    data = case.image.array.transpose(2, 1, 0)
+    transform = orientations.ornt_transform(orientations.axcodes2ornt("LPS"), orientations.axcodes2ornt("ARI"))
+    affine = case.image.affine @ orientations.inv_ornt_aff(transform, data.shape)
+    path = tmp_path / "ari.nii.gz"
+    nib.save(nib.Nifti1Image(orientations.apply_orientation(data, transform).astype(np.int16), affine), path)
+    volume = read_ct(path)
+    lesion = (np.asarray(case.lesion.array) > 0).astype(np.uint8)
+    names = slice_names(volume)
+    assert names[0] == "file slice" and names[1] == list(range(volume.shape[0] - 1, -1, -1))  # I is the file's 3rd axis
+    file_lesion = orientations.apply_orientation(lesion.transpose(2, 1, 0), transform)  # as stored in the file
+    calls = slice_calls(lesion, volume.voxel_volume_ml, None, names)["calls"]
+    assert {c["file_slice"] for c in calls if c["lesion"]} == set(np.flatnonzero(file_lesion.sum(axis=(0, 1))).tolist())
+
+    summary = lesion_summary(volume.array, lesion, np.ones_like(lesion), volume.spacing, "ari", volume.affine)
+    from scipy import ndimage
+
+    largest = summary["components"][0]
+    labels, _ = ndimage.label(file_lesion)
+    sizes = np.bincount(labels.ravel())[1:]
+    centre_ijk = ndimage.center_of_mass(file_lesion, labels, int(np.argmax(sizes)) + 1)
+    ras = affine[:3, :3] @ np.asarray(centre_ijk) + affine[:3, 3]
+    np.testing.assert_allclose(largest["centroid_lps_mm"], [-ras[0], -ras[1], ras[2]], atol=0.1)
+
+
+def test_lesion_outline_lies_on_the_lesion_fill():
+    """The red outline and the red fill of a figure panel mark the same pixels (axial and coronal)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deepsc.report import _overlay
+
+    mask = np.zeros((40, 30), dtype=np.uint8)
+    mask[3:10, 5:12] = 1
+    for origin in ("upper", "lower"):
+        fig, ax = plt.subplots()
+        _overlay(ax, np.full(mask.shape, -800.0), mask, None, 1.0, "t", origin=origin)
+        vertices = np.concatenate([path.vertices for path in ax.collections[-1].get_paths()])
+        plt.close(fig)
+        rows, cols = vertices[:, 1], vertices[:, 0]
+        assert 2.5 - 1e-6 <= rows.min() and rows.max() <= 9.5 + 1e-6, origin
+        assert 4.5 - 1e-6 <= cols.min() and cols.max() <= 11.5 + 1e-6, origin
+
+
+def test_scores_are_shown_in_whole_percent_and_never_as_certainty():
+    from deepsc.report import score_text
+
+    assert [score_text(v) for v in (0.99996, 0.993, 0.5049, 0.0123, 0.004, 0.0)] == [
+        "> 99 %", "> 99 %", "50 %", "1 %", "< 1 %", "< 1 %"]
 
 
 @pytest.mark.parametrize(
@@ -226,3 +293,51 @@ def test_real_dicom_scan_is_diagnosed_at_full_size(real_ct_dir, tmp_path):
     assert len(calls) == 133 and calls[0]["instance_number"] == 133 and calls[-1]["instance_number"] == 1
     assert summary["lesions"]["lung_volume_ml"] > 1000  # both lungs of an adult
     print(f"P002: {summary['timing']}")
+
+
+def test_mask_of_a_nifti_without_orientation_overlays_it_in_itk_viewers_too(tmp_path):
+    """Codes 0 stay 0: ITK (ITK-SNAP, Slicer) then places mask and scan by the same rule."""
+    import gzip
+
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from deepsc.data.io import read_ct
+    from deepsc.diagnose import nifti_like_input
+
+    image = nib.Nifti1Image(synthetic_ct().image.array.transpose(2, 1, 0).astype(np.int16), None)
+    image.header.set_zooms((5.0, 5.0, 8.0))
+    scan = tmp_path / "no_orientation.nii"
+    nib.save(image, scan)
+    assert (int(nib.load(scan).header["qform_code"]), int(nib.load(scan).header["sform_code"])) == (0, 0)
+    volume = read_ct(scan)
+    mask_path = tmp_path / "mask.nii"
+    mask_path.write_bytes(gzip.decompress(nifti_like_input(np.zeros(volume.shape, np.uint8), volume, np.uint8)))
+    written = nib.load(mask_path)
+    assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (0, 0)
+    np.testing.assert_allclose(written.affine, nib.load(scan).affine)
+    itk_scan, itk_mask = sitk.ReadImage(str(scan)), sitk.ReadImage(str(mask_path))
+    np.testing.assert_allclose(itk_mask.GetOrigin(), itk_scan.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(itk_mask.GetDirection(), itk_scan.GetDirection(), atol=1e-6)
+
+
+@pytest.mark.parametrize(("decision", "lesion_voxels", "warned"), [
+    ("covid", 0, "found no lesion"), ("normal", 30, "found lesions"), ("covid", 30, None), ("normal", 0, None)])
+def test_a_decision_the_segmentation_contradicts_is_flagged(decision, lesion_voxels, warned):
+    from types import SimpleNamespace
+
+    from deepsc.diagnose import _summary
+
+    volume = synthetic_ct().image
+    lesion = np.zeros(volume.shape, np.uint8)
+    lesion.reshape(-1)[np.flatnonzero(volume.array.reshape(-1) < -500)[:lesion_voxels]] = 1
+    prob = np.array([0.05, 0.05, 0.05])
+    prob[CLASSES.index(decision)] = 0.9
+    prediction = SimpleNamespace(class_prob=prob)
+    predictor = SimpleNamespace(name="m", source="m", kind="deepsc", task="joint")
+    warnings = _summary(volume, lesion, (volume.array < -500).astype(np.uint8), prediction, predictor, None)["warnings"]
+    contradictions = [w for w in warnings if "the classifier says" in w]
+    if warned is None:
+        assert contradictions == []
+    else:
+        assert len(contradictions) == 1 and warned in contradictions[0]

@@ -24,7 +24,9 @@ same way. No judgement about HU plausibility is made here (``deepsc validate`` d
 ``volume.meta`` holds ``source`` (the path read), ``format`` (nifti | dicom | metaimage | nrrd),
 ``modality`` (the DICOM Modality, ``None`` for formats without one), ``series_uid`` (DICOM) and
 ``warnings`` (awkward but readable input, also logged). DICOM volumes add
-``instance_numbers``: the InstanceNumber of each ``array`` slice, ``z = 0`` first.
+``instance_numbers``: the InstanceNumber of each ``array`` slice, ``z = 0`` first; NIfTI,
+MetaImage and NRRD volumes add ``file_axis_of_z``: ``[axis, reversed]`` of the file's voxel axis
+that became ``z`` (:func:`~deepsc.data.volume.file_axis_of_z`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from deepsc.data.volume import CTVolume, from_nibabel, save_nifti
+from deepsc.data.volume import CTVolume, file_axis_of_z, from_nibabel, save_nifti
 from deepsc.errors import DeepSCError, InputError
 
 logger = logging.getLogger(__name__)
@@ -324,9 +326,10 @@ def _read_nifti(path: Path, case_id: str, max_voxels: int) -> CTVolume:
         notes.append("the NIfTI header records no orientation (qform and sform codes are 0): left and right are "
                      "unknown; read with nibabel's fallback axes (LAS, the Analyze convention)")
     with _library_errors(case_id, path, "read the NIfTI file"), LoggingOutputSuppressor():
-        volume = from_nibabel(nib.load(path), case_id)
+        image = nib.load(path)
+        volume = from_nibabel(image, case_id)
     _check_spacing(volume.spacing, case_id, path)
-    volume.meta = {"warnings": notes}
+    volume.meta = {"warnings": notes, "file_axis_of_z": list(file_axis_of_z(image.affine))}
     return volume
 
 
@@ -411,7 +414,7 @@ def _read_itk_file(path: Path, case_id: str, max_voxels: int) -> CTVolume:
     affine_lps[:3, :3] = rotation * np.asarray(spacing[:3])
     affine_lps[:3, 3] = origin[:3]
     volume = _canonical(array, _lps_to_ras(affine_lps), case_id)
-    volume.meta = {"warnings": []}
+    volume.meta = {"warnings": [], "file_axis_of_z": list(file_axis_of_z(_lps_to_ras(affine_lps)))}
     return volume
 
 

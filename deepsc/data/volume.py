@@ -116,6 +116,17 @@ def from_nibabel(img: Any, case_id: str, dtype: type = np.float32) -> CTVolume:
     return CTVolume(np.ascontiguousarray(data.transpose(2, 1, 0)), new_affine, case_id)
 
 
+def file_axis_of_z(affine_ras: np.ndarray) -> tuple[int, bool]:
+    """``(axis, reversed)``: which voxel axis of a file with this RAS affine becomes canonical z
+    (inferior -> superior), and whether its index runs the other way (then canonical ``z`` is the
+    file's index ``n - 1 - z``). Reports use it to name slices as a viewer of the file counts them."""
+    from nibabel import orientations as ornt
+
+    transform = ornt.ornt_transform(ornt.io_orientation(affine_ras), ornt.axcodes2ornt(CANONICAL_AXCODES))
+    axis = int(np.flatnonzero(transform[:, 0] == 2)[0])
+    return axis, bool(transform[axis, 1] < 0)
+
+
 def to_nibabel(volume: CTVolume, dtype: Any | None = None) -> Any:
     """The volume as a nibabel Nifti1Image (scanner-anatomical qform and sform, mm units)."""
     import nibabel as nib
