@@ -17,7 +17,7 @@ from deepsc.errors import DeepSCError
 
 # command -> (module, one-line help). Modules are imported lazily, one per invocation.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("deepsc.data.synth", "write the deterministic synthetic chest-CT cohort into data/"),
+    "synth": ("deepsc.data.synth_cli", "write the deterministic synthetic chest-CT cohort into data/"),
     "import": ("deepsc.data.manifest", "build data/manifest.csv from a folder of public CT data"),
     "split": ("deepsc.data.split", "stratified train/test split and k folds of the manifest"),
     "lungseg": ("deepsc.data.lungseg", "segment the lungs of one scan (or measure Dice on the cohort)"),

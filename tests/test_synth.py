@@ -286,3 +286,30 @@ def test_painted_lesions_are_separate_components():
     assert len(painted) == 6 and count == 6
     assert not np.any(mask.astype(bool) & ~anatomy.lung)
     assert np.array_equal(hu[~mask.astype(bool)], anatomy.hu[~mask.astype(bool)])
+
+
+def test_synth_command_keeps_an_imported_cohort(tmp_path, capsys):
+    """`make run` calls `deepsc synth` first: a cohort imported into the synth folder (other files,
+    a manifest of another source) must survive it; --force still replaces it."""
+    from deepsc.cli import main
+    from deepsc.config import dump_resolved
+    from deepsc.data.synth import synthesize_cohort
+
+    data = tmp_path / "data"
+    synthesize_cohort(data, tiny_params(n_cap=0, n_covid=0))
+    (data / "own").mkdir()
+    (data / "own" / "patient_001.nii.gz").write_bytes(b"real scan")
+    params_file = tmp_path / "params.yaml"
+    dump_resolved(tiny_params(n_cap=0, n_covid=0), params_file)
+    command = ["--params", str(params_file), "synth", "--out", str(data)]
+    assert main(command) == 2
+    assert "did not write (own/patient_001.nii.gz)" in capsys.readouterr().err
+    assert (data / "own" / "patient_001.nii.gz").read_bytes() == b"real scan"
+
+    (data / "own" / "patient_001.nii.gz").unlink()
+    (data / "manifest.csv").write_text("case_id,label,image_path,mask_path,lung_path,source\n"
+                                       "p1,covid,/scans/p1.nii.gz,,,MosMedData CT-2\n")
+    assert main(command) == 2 and "manifest.csv (rows of another source)" in capsys.readouterr().err
+    assert "MosMedData" in (data / "manifest.csv").read_text()
+    assert main([*command, "--force"]) == 0
+    assert "deepsc-synth" in (data / "manifest.csv").read_text()
