@@ -92,7 +92,7 @@ def submit_pipeline(
     """Submit one run (or a recurring run when `cron` is set) to the Kubeflow host.
 
     A recurring run re-reads ``data_version`` (a branch) at every start: fetch_data is never
-    cached, so new data retrains and the same data re-uses the cached later steps.
+    cached, and its new artifacts miss the cache of the later steps, so every start retrains.
     """
     check_cluster_arguments(arguments)
     cron = kfp_cron(cron) if cron else None

@@ -7,7 +7,7 @@ models travel as artifacts, never as parameters. Compile with `deepsc pipeline c
 
 fetch_data reads the DVC remote with the keys of the Secret :data:`S3_SECRET` in the run's
 namespace (optional: without it, an IAM role / IRSA must grant access) and is never cached: a
-recurring run must see what the branch names now. The later steps are cached on their inputs.
+recurring run must see what the branch names now (its new artifacts then retrain the rest).
 """
 
 from kfp import dsl, kubernetes
