@@ -17,10 +17,10 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from deepsc.data.synth import STAMP_NAME
 from deepsc.errors import InputError
 
 _SYNTH_FILE = re.compile(r"^(images|lungs|masks)/synth_\d+\.nii\.gz$")
-_OWN_FILES = ("manifest.csv", "synth.json")
 
 
 def foreign_files(folder: Path) -> list[str]:
@@ -29,7 +29,7 @@ def foreign_files(folder: Path) -> list[str]:
     even damaged ones, may be regenerated."""
     folder = Path(folder)
     found = sorted(rel for rel in (p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-                   if rel not in _OWN_FILES and not _SYNTH_FILE.match(rel))
+                   if rel not in ("manifest.csv", STAMP_NAME) and not _SYNTH_FILE.match(rel))
     try:
         with open(folder / "manifest.csv", newline="") as handle:
             sources = [row.get("source") or "" for row in csv.DictReader(handle)]
@@ -43,7 +43,7 @@ def foreign_files(folder: Path) -> list[str]:
 def check_replaceable(folder: Path) -> None:
     """Raise ``InputError`` when a synth folder (one with ``synth.json``) holds files of someone else."""
     folder = Path(folder)
-    if not (folder / "synth.json").is_file():
+    if not (folder / STAMP_NAME).is_file():
         return  # not a synth folder: synthesize_cohort refuses foreign folders itself
     foreign = foreign_files(folder)
     if foreign:
@@ -64,6 +64,7 @@ def add_cli(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace, params: Mapping[str, Any]) -> int:
     from deepsc.data import synth
 
+    args.out = args.out or Path(params.get("paths", {}).get("data", "data"))
     if not args.force:
-        check_replaceable(args.out or Path(params.get("paths", {}).get("data", "data")))
+        check_replaceable(args.out)
     return synth.run_cli(args, params)
