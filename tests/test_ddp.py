@@ -58,6 +58,9 @@ def _toy_worker(rank: int, port: int, out: str) -> None:
 
     from deepsc.train.engine import EngineConfig, fit
 
+    # one process group for both fits below: fit() then neither creates nor destroys it (a
+    # second rendezvous on the same port can hang when rank 0 re-opens the store too late)
+    torch.distributed.init_process_group("gloo")
     result = fit(toy_model(seed=rank), ToyDataset(), ToyAdapter(), EngineConfig(epochs=2, lr=5e-2, batch_size=3, seed=4),
                  Path(out) / "run", progress=False)
     torch.save(result.model.state_dict(), Path(out) / f"rank{rank}.pt")
@@ -66,6 +69,7 @@ def _toy_worker(rank: int, port: int, out: str) -> None:
     plain = fit(_plain_model(seed=rank), ToyDataset(), ToyAdapter(), PLAIN_CONFIG(batch_size=3), Path(out) / "plain",
                 progress=False)
     torch.save(plain.model.state_dict(), Path(out) / f"plain{rank}.pt")
+    torch.distributed.destroy_process_group()
 
 
 def _plain_model(seed: int):
