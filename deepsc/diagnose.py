@@ -404,9 +404,22 @@ def _summary(volume: CTVolume, lesion: np.ndarray | None, lung: np.ndarray, pred
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux reports KiB, macOS bytes)."""
+    """Peak resident memory of this process since :func:`reset_peak_rss` (or since it started),
+    in MB (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak of :func:`peak_rss_mb` at the current resident size, so that a long-lived
+    server reports each request's peak instead of its lifetime's (Linux ``/proc/self/clear_refs``
+    value 5). False where the system does not allow it: the peak then covers the process's life."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- models
@@ -491,6 +504,7 @@ def diagnose(scan: str | os.PathLike, model: str | os.PathLike = DEFAULT_MODEL, 
     from deepsc.data.io import read_ct
 
     started = time.perf_counter()
+    scope = "call" if reset_peak_rss() else "process"
     max_voxels = int((params or {}).get("validate", {}).get("max_voxels", 400_000_000))
     predictor, info = load_predictor(model, params, device)
     volume = read_ct(Path(scan), max_voxels=max_voxels)
@@ -501,7 +515,7 @@ def diagnose(scan: str | os.PathLike, model: str | os.PathLike = DEFAULT_MODEL, 
     result.summary["timing"].update({"seconds_load_and_read": round(seconds_read, 3),
                                      "seconds_report": round(time.perf_counter() - report_started, 3),
                                      "seconds_end_to_end": round(time.perf_counter() - started, 3),
-                                     "peak_rss_mb": peak_rss_mb()})
+                                     "peak_rss_mb": peak_rss_mb(), "peak_rss_scope": scope})
     _write_json(result.summary, Path(out_dir) / "diagnosis.json")
     return result.summary
 

@@ -19,7 +19,9 @@ the input. The signature (:func:`model_signature`) declares the three optional s
 columns, so MLflow hands ``predict`` a one-row DataFrame; a plain dict (direct Python calls,
 ``dict[str, np.ndarray]`` from a signature-less model) is accepted too.
 
-Response: ``{"predictions": <the diagnosis.json dict>}`` (no files are written).
+Response: ``{"predictions": <the diagnosis.json dict>}`` (no files are written). Its
+``timing.peak_rss_mb`` is the peak resident memory of this request (``peak_rss_scope``:
+``request``; ``process``, the server's whole life, where the system cannot restart the peak).
 
 Errors never leave a traceback in the response and the server keeps serving. MLflow 3.17's
 scoring server turns an ``MlflowException`` raised in ``predict`` into its error code's HTTP
@@ -155,10 +157,14 @@ class DeepSCPyfunc(mlflow.pyfunc.PythonModel):
 
         from deepsc.errors import InputError
 
+        from deepsc.diagnose import reset_peak_rss
+
         try:
+            scope = "request" if reset_peak_rss() else "process"  # requests run one at a time
             volume = self._read(request, tmp)
             result = _diagnose(volume, self.predictor, self.params, self.model_info)
             summary = result.summary
+            summary["timing"]["peak_rss_scope"] = scope
             if request["nifti"] is not None:  # not the server's temporary file
                 summary["input"]["source"] = "request (nifti_b64)"
             if request["return_mask"] and result.lesion_mask is not None:  # while the input file exists

@@ -94,6 +94,18 @@ def test_summary_is_complete_and_consistent_with_the_mask(diagnosed):
     assert slices["with_lesion"] == int((per_slice > 0).sum())
     timing = stored["timing"]
     assert timing["seconds_end_to_end"] > 0 and timing["peak_rss_mb"] > 0
+    assert timing["peak_rss_scope"] in {"call", "process"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")
+def test_peak_rss_restarts_so_each_diagnosis_reports_its_own_peak():
+    from deepsc.diagnose import peak_rss_mb, reset_peak_rss
+
+    big = np.ones(400 * 2**20 // 8)  # 400 MB touched
+    big_peak = peak_rss_mb()
+    del big
+    assert reset_peak_rss()
+    assert peak_rss_mb() < big_peak - 300  # the freed 400 MB no longer count
 
 
 def test_report_is_self_contained_html(diagnosed):
