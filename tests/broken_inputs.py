@@ -396,6 +396,17 @@ def write_dicom_colour(folder: Path) -> BrokenInput:
     return BrokenInput("dicom_colour", folder / "dicom_colour", "image", "error", r"colour image \(3 samples per pixel\)")
 
 
+def write_dicom_multiframe_series(folder: Path) -> BrokenInput:
+    """A series of three multi-frame (enhanced) files, two frames each: refused naming a file, not
+    with a decoding or geometry error."""
+    rows, cols = SHAPE[1:]
+    frames = np.zeros((2, rows, cols), np.int16).tobytes()
+    target = folder / "dicom_multiframe_series"
+    write_dicom_series(target, ct_phantom((3, rows, cols)), extra={"NumberOfFrames": 2, "PixelData": frames})
+    return BrokenInput("dicom_multiframe_series", target, "image", "error",
+                       r"IM0001\.dcm is a multi-frame \(enhanced\) DICOM of 2 frames \(and 2 more of the 3 files")
+
+
 def write_dicom_truncated_slice(folder: Path) -> BrokenInput:
     paths = write_dicom_series(folder / "dicom_truncated", ct_phantom())
     payload = paths[4].read_bytes()
@@ -426,7 +437,8 @@ def write_missing_file(folder: Path) -> BrokenInput:
 
 
 def write_manifest_bad_rows(folder: Path) -> BrokenInput:
-    """A manifest with a duplicate id, an unknown label, a missing file and a bad id."""
+    """A manifest with a duplicate id, an unknown label, a missing file, bad ids and one image
+    named by five rows."""
     target = folder / "manifest_bad"
     target.mkdir(parents=True, exist_ok=True)
     write_nifti(target / "good.nii.gz", ct_phantom())
@@ -441,8 +453,8 @@ def write_manifest_bad_rows(folder: Path) -> BrokenInput:
     ]
     path = target / "manifest.csv"
     path.write_text("\n".join(rows) + "\n")
-    problem = (r"(?s)^(?=.*5 problem)(?=.*'case_a' appears in rows 1, 2)(?=.*'flu')(?=.*missing\.nii\.gz)(?=.*'case d')"
-               r"(?=.*'\.\.'\): case_id .* may not start with '\.')")
+    problem = (r"(?s)^(?=.*6 problem)(?=.*'case_a' appears in rows 1, 2)(?=.*'flu')(?=.*missing\.nii\.gz)(?=.*'case d')"
+               r"(?=.*'\.\.'\): case_id .* may not start with '\.')(?=.*rows 1, 2, 3, 5, 6 .* name the same image .*good\.nii\.gz)")
     return BrokenInput("manifest_bad_rows", path, "manifest", "error", problem)
 
 
@@ -462,7 +474,7 @@ BROKEN_INPUTS: tuple[Callable[[Path], BrokenInput], ...] = (
     write_truncated_mha, write_truncated_nrrd, write_mask_other_shape, write_mask_other_affine,
     write_mask_non_binary, write_dicom_shuffled, write_dicom_gap, write_dicom_duplicate, write_dicom_nonuniform,
     write_dicom_mixed_size, write_dicom_two_series, write_dicom_mr, write_dicom_padding, write_dicom_colour,
-    write_dicom_truncated_slice, write_empty_folder,
+    write_dicom_multiframe_series, write_dicom_truncated_slice, write_empty_folder,
     write_folder_without_dicom, write_non_image_file, write_missing_file, write_manifest_bad_rows,
     write_manifest_missing_column,
 )  # fmt: skip

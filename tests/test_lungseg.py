@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from deepsc.data.lungseg import ThresholdSettings, dice, lesion_outside, segment_lungs
+from deepsc.data.lungseg import (
+    DEFAULT_MIN_LUNG_VOLUME_ML,
+    ThresholdSettings,
+    dice,
+    lesion_outside,
+    segment_lungs,
+    segment_lungs_from_params,
+)
 from deepsc.data.volume import CTVolume, lps_affine
 from deepsc.errors import ConfigError, InputError
 
@@ -186,6 +193,40 @@ def test_no_lung_raises_input_error_naming_the_case():
     water = CTVolume(np.zeros((20, 64, 64), dtype=np.float32), lps_affine((5.0, 3.0, 3.0)), "water_case")
     with pytest.raises(InputError, match="water_case: no lung found"):
         segment_lungs(water)
+
+
+def abdomen_with_gas(gas_ml: float = 31.0, spacing=(5.0, 3.0, 3.0)) -> CTVolume:
+    """An abdominal scan without lungs: a soft-tissue body holding one bowel-gas pocket of ``gas_ml``."""
+    sz, sy, sx = spacing
+    shape = (int(200 / sz), int(400 / sy), int(400 / sx))
+    z = (np.arange(shape[0]) * sz).reshape(-1, 1, 1)
+    y = ((np.arange(shape[1]) - shape[1] / 2) * sy).reshape(1, -1, 1)
+    x = ((np.arange(shape[2]) - shape[2] / 2) * sx).reshape(1, 1, -1)
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu[np.broadcast_to((x / 170) ** 2 + (y / 125) ** 2 <= 1, shape)] = 40.0
+    radius = (3.0 * gas_ml * 1000.0 / (4.0 * np.pi)) ** (1.0 / 3.0)
+    hu[(z - 100) ** 2 + (y + 30) ** 2 + (x - 70) ** 2 <= radius**2] = -1000.0
+    hu += np.random.default_rng(0).normal(0, 20, shape).astype(np.float32)
+    return CTVolume(hu, lps_affine(spacing), "abdomen")
+
+
+def test_a_gas_pocket_is_not_a_pair_of_lungs():
+    """A 31 mL gas bubble passes the component selection (>= 20 mL) but not the volume floor."""
+    scan = abdomen_with_gas(31.0)
+    with pytest.raises(InputError, match=r"abdomen: the segmented lungs hold only 3\d mL, below lungseg.min_lung_volume_ml = 400 mL"):
+        segment_lungs(scan)
+    with pytest.raises(InputError, match="min_lung_volume_ml"):
+        segment_lungs_from_params(scan, {"backend": "threshold"})  # the code default when params lack it
+    mask = segment_lungs_from_params(scan, {"backend": "threshold", "min_lung_volume_ml": 20})  # passed through
+    assert 25.0 < mask.sum() * scan.voxel_volume_ml < 40.0
+
+
+def test_min_lung_volume_setting(params, phantom, phantom_mask):
+    assert params["lungseg"]["min_lung_volume_ml"] == DEFAULT_MIN_LUNG_VOLUME_ML  # params.yaml = code default
+    assert phantom_mask.sum() * phantom.volume.voxel_volume_ml > 5 * DEFAULT_MIN_LUNG_VOLUME_ML  # adult chest: wide margin
+    for bad in (-1, "400", None, float("nan")):
+        with pytest.raises(ConfigError, match="min_lung_volume_ml"):
+            segment_lungs_from_params(phantom.volume, {"min_lung_volume_ml": bad})
 
 
 def test_backend_errors_say_what_to_do(phantom, tmp_path):

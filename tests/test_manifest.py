@@ -51,12 +51,45 @@ def test_load_manifest_reports_every_problem_at_once(tmp_path: Path) -> None:
     with pytest.raises(InputError) as caught:
         load_manifest(item.path)
     message = str(caught.value)
-    assert "5 problem(s)" in message
+    assert "6 problem(s)" in message
+    assert "rows 1, 2, 3, 5, 6 (cases 'case_a', 'case_a', 'case_b', 'case d', '..') name the same image" in message
     assert "row 6 (case '..'): case_id may hold only letters, digits, '.', '_' and '-', and may not start with '.'" in message
     assert "row 3 (case 'case_b'): label 'flu'" in message
     assert "row 4 (case 'case_c'): image_path not found" in message
     assert "row 5 (case 'case d'): case_id may hold only" in message
     assert "'case_a' appears in rows 1, 2" in message
+
+
+def test_one_image_named_by_two_rows_is_refused(tmp_path: Path) -> None:
+    """The same scan under two ids (spelt differently, or through a link) could be in train and test."""
+    bi.write_nifti(tmp_path / "images" / "a.nii.gz", bi.ct_phantom((4, 8, 8)))
+    (tmp_path / "alias").symlink_to(tmp_path / "images")
+    path = tmp_path / "m.csv"
+    path.write_text("case_id,label,image_path\nfirst,covid,images/a.nii.gz\nsecond,normal,./images/../images/a.nii.gz\n"
+                    "third,cap,alias/a.nii.gz\n")
+    for check_files in (True, False):
+        with pytest.raises(InputError, match=r"(?s)1 problem.*rows 1, 2, 3 \(cases 'first', 'second', 'third'\) name the same image"):
+            load_manifest(path, check_files=check_files)
+
+
+def test_patient_id_is_optional_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_text("case_id,label,image_path,patient_id\na,covid,a.nii.gz, P1 \nb,NORMAL,b.nii.gz,\n")
+    frame = load_manifest(path, check_files=False)
+    assert list(frame["patient_id"]) == ["P1", ""] and list(frame["label"]) == ["covid", "normal"]
+    assert "patient_id" not in load_manifest(_cohort(tmp_path / "plain")).columns
+
+
+def test_resolve_path_collapses_dot_dot_before_links(tmp_path: Path) -> None:
+    """``link/..`` is the manifest's folder, not the link target's parent: one rule for everyone."""
+    from deepsc.data.manifest import manifest_folder, resolve_path
+
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "link").symlink_to(tmp_path / "elsewhere" / "deep")
+    base = manifest_folder(tmp_path / "data" / "manifest.csv")
+    assert resolve_path("link/../a.nii.gz", base) == str(tmp_path / "data" / "a.nii.gz")
+    assert resolve_path("", base) == ""
 
 
 def test_a_home_folder_of_an_unknown_user_is_a_missing_file(tmp_path: Path) -> None:

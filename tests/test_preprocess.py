@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import copy
 import json
 
@@ -178,6 +180,10 @@ def test_cohort_is_incremental_and_atomic(tmp_path, params):
     assert index["label_index"].tolist() == [0, 1, 2]
     assert not (out / "cases/case1/lesion.npy").exists() and not load_case(out / "cases/case2").lesion.any()
     assert load_case(out / "cases/case0").meta["lung_dice"] > 0.9
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (out / "index.csv", out / "cases/case0", *(out / "cases/case0").iterdir()):  # not mkstemp's 0600 / 0700
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
     before = _mtimes(out)
 
     preprocess_cohort(manifest, out, params)  # nothing changed: nothing rewritten
@@ -257,3 +263,18 @@ def test_real_scan_round_trip(real_ct_dir, params):
     assert lung.shape == volume.shape
     assert 3.0 <= lung.sum() * volume.voxel_volume_ml / 1000.0 <= 7.0
     assert 3000.0 <= result.meta["lung_volume_ml"] <= 7000.0
+
+
+def test_the_cache_key_follows_what_shapes_a_case(tmp_path):
+    """A refusal threshold redoes no case; new lungmask weights at the same path redo them all."""
+    from deepsc.data.preprocess import PreprocessSettings, _settings_key
+
+    settings = PreprocessSettings()
+    threshold = {"backend": "threshold", "lungmask_weights": None}
+    assert _settings_key(settings, threshold) == _settings_key(settings, {**threshold, "min_lung_volume_ml": 100})
+    weights = tmp_path / "r231.pth"
+    weights.write_bytes(b"old weights")
+    lungmask = {"backend": "lungmask", "lungmask_weights": str(weights)}
+    before = _settings_key(settings, lungmask)
+    weights.write_bytes(b"new weights")
+    assert _settings_key(settings, lungmask) != before

@@ -55,6 +55,64 @@ def test_split_file_is_byte_identical_and_independent_of_row_order(tmp_path: Pat
     assert (tmp_path / "d.csv").read_bytes() != first
 
 
+def test_without_patient_ids_the_split_is_the_case_level_one(tmp_path: Path) -> None:
+    """The file made before patient grouping existed (sha256 pinned), with or without the column."""
+    import hashlib
+
+    manifest = _manifest(tmp_path / "m.csv")
+    make_split(manifest, tmp_path / "a.csv", PARAMS)
+    assert hashlib.sha256((tmp_path / "a.csv").read_bytes()).hexdigest() == CASE_LEVEL_SHA256
+    table = pd.read_csv(manifest)
+    for name, patients in (("empty", [""] * len(table)), ("own", list(table["case_id"]))):
+        table.assign(patient_id=patients).to_csv(tmp_path / f"{name}.csv", index=False)
+        make_split(tmp_path / f"{name}.csv", tmp_path / f"{name}_split.csv", PARAMS)
+        assert (tmp_path / f"{name}_split.csv").read_bytes() == (tmp_path / "a.csv").read_bytes()
+
+
+CASE_LEVEL_SHA256 = "e1749e13ca81fc308dd0480b7962783c9ab63b10810691385a470336128a6146"
+
+
+def _patient_manifest(path: Path, reverse: bool = False) -> Path:
+    """40 patients per class with 1, 4, 3 or 2 scans each (100 scans per class)."""
+    rows = []
+    for label in ("covid", "cap", "normal"):
+        for patient in range(40):
+            for scan in range(1 + (patient * 7) % 4):
+                case = f"{label}_p{patient:02d}_s{scan}"
+                rows.append((case, label, f"{case}.nii.gz", f"{label}-{patient:02d}"))
+    rows = rows[::-1] if reverse else rows
+    pd.DataFrame(rows, columns=["case_id", "label", "image_path", "patient_id"]).to_csv(path, index=False)
+    return path
+
+
+def test_scans_of_one_patient_share_subset_and_fold(tmp_path: Path) -> None:
+    frame = make_split(_patient_manifest(tmp_path / "m.csv"), tmp_path / "s.csv", PARAMS)
+    frame["patient"] = frame["case_id"].str.rsplit("_", n=1).str[0]
+    per_patient = frame.groupby("patient")[["subset", "fold"]].nunique()
+    assert (per_patient == 1).all().all()  # no patient in both train and test, or in two folds
+    for label, group in frame.groupby("label"):
+        assert abs((group["subset"] == "test").mean() - 0.25) < 0.03, label  # still stratified
+    train = frame[frame["subset"] == "train"]
+    per_class = train.groupby(["label", "fold"]).size().unstack()
+    assert sorted(train["fold"].unique()) == [0, 1, 2, 3, 4]
+    assert (per_class.max(axis=1) - per_class.min(axis=1)).max() <= 3  # balanced within one patient's scans
+    make_split(_patient_manifest(tmp_path / "r.csv", reverse=True), tmp_path / "r_split.csv", PARAMS)
+    assert (tmp_path / "r_split.csv").read_bytes() == (tmp_path / "s.csv").read_bytes()
+
+
+def test_a_patient_with_scans_of_two_labels_goes_with_the_majority(caplog: pytest.LogCaptureFixture) -> None:
+    ids = ["p1_a", "p1_b", "p1_c"] + [f"n{i}" for i in range(6)] + [f"c{i}" for i in range(6)]
+    labels = ["normal", "covid", "covid"] + ["normal"] * 6 + ["covid"] * 6
+    patients = ["P1", "P1", "P1"] + [""] * 12
+    with caplog.at_level("WARNING", logger="deepsc.data.split"):
+        frame = stratified_split(ids, labels, SplitConfig(0.25, 2, 3), patients).set_index("case_id")
+    assert "patient P1 has scans of different labels: p1_a (normal), p1_b (covid), p1_c (covid); split as covid" in caplog.text
+    assert frame.loc[["p1_a", "p1_b", "p1_c"], "label"].tolist() == ["normal", "covid", "covid"]  # each keeps its label
+    assert frame.loc[["p1_a", "p1_b", "p1_c"], ["subset", "fold"]].drop_duplicates().shape[0] == 1
+    covid_stratum = ["p1_a", "p1_b", "p1_c"] + [f"c{i}" for i in range(6)]
+    assert 1 <= (frame.loc[covid_stratum, "subset"] == "test").sum() <= 3  # target round(9 / 4) = 2, P1 has 3 scans
+
+
 def test_small_classes_keep_a_train_case() -> None:
     frame = stratified_split(["a", "b", "c"], ["covid", "cap", "cap"], SplitConfig(0.5, 2, 0))
     assert frame.set_index("case_id").loc["a", "subset"] == "train"

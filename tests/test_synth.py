@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -237,7 +238,7 @@ def test_interrupted_run_leaves_the_old_cohort_and_no_debris(tmp_path, monkeypat
 
 
 def test_cli_writes_to_the_data_path(tmp_path, capsys):
-    from deepsc.data.synth import add_cli, run_cli
+    from deepsc.data.synth_cli import add_cli, run_cli  # what `deepsc synth` runs
 
     parser = argparse.ArgumentParser()
     add_cli(parser)
@@ -245,6 +246,10 @@ def test_cli_writes_to_the_data_path(tmp_path, capsys):
     assert run_cli(parser.parse_args([]), params) == 0
     assert (tmp_path / "cohort" / "manifest.csv").is_file()
     assert "manifest.csv" in capsys.readouterr().out
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in (tmp_path / "cohort", tmp_path / "cohort" / "manifest.csv"):  # others may read the cohort
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
 
 
 # --- lesion generator ---------------------------------------------------------------------

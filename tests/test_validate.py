@@ -327,20 +327,98 @@ def test_bad_settings_are_rejected(params: dict) -> None:
         ValidateConfig.from_params({"validate": {"min_slice": 3}})
 
 
-def test_lungseg_fallback_when_no_lung_path(cohort: Path, tmp_path: Path, vparams: dict) -> None:
-    pytest.importorskip("deepsc.data.lungseg")
-    rows = _read_manifest(cohort)
+def _without_lung_paths(manifest: Path) -> None:
+    rows = _read_manifest(manifest)
     for row in rows:
         row["lung_path"] = ""
-    _write_manifest(cohort, rows)
+    _write_manifest(manifest, rows)
+
+
+def test_lungseg_fallback_when_no_lung_path(cohort: Path, tmp_path: Path, vparams: dict) -> None:
+    pytest.importorskip("deepsc.data.lungseg")
+    _without_lung_paths(cohort)
     _replace_mask("case_3", _OUTSIDE, _GOOD_AFFINE)(cohort)
-    report = _validate(cohort, tmp_path / "report", vparams)
+    toy = dict(vparams, lungseg=dict(vparams["lungseg"], min_lung_volume_ml=50))  # this toy chest's lungs: 85 mL
+    report = _validate(cohort, tmp_path / "report", toy)
     lesion_rows = report.cases[report.cases["has_mask"]].set_index("case_id")
     assert set(lesion_rows["lung_source"]) == {"lungseg"}
     assert lesion_rows.loc[["case_0", "case_1", "case_2"], "lesion_outside_lung_fraction"].max() <= 0.05
     assert lesion_rows.loc["case_3", "lesion_outside_lung_fraction"] == 1.0
     # an automatic lung mask is no proof: a warning, the gate passes
     assert report.passed and [(w.case_id, w.check) for w in report.warnings] == [("case_3", "lesion_inside_segmented_lung")]
+
+
+def test_lungs_below_the_volume_floor_fail_the_gate(cohort: Path, tmp_path: Path, vparams: dict) -> None:
+    """The gate segments with the ``lungseg`` settings, floor included: 85 mL of "lungs" is no adult chest."""
+    _without_lung_paths(cohort)
+    message, failures = _fail(cohort, tmp_path / "report", vparams)
+    lung = {f["case_id"]: f["observed"] for f in failures if f["check"] == "lung_available"}
+    assert set(lung) == {"case_0", "case_1", "case_2", "case_3"}  # the cases with a lesion mask
+    assert "only 85 mL, below lungseg.min_lung_volume_ml = 400 mL" in lung["case_0"]
+
+
+def test_labels_are_accepted_in_any_letter_case(cohort: Path, tmp_path: Path, vparams: dict) -> None:
+    """As load_manifest (which lower-cases them): ``NORMAL`` passes the gate and counts as normal."""
+    from deepsc.data.manifest import load_manifest
+
+    rows = _read_manifest(cohort)
+    for row, label in zip(rows, ("COVID", "Covid", "CAP", "cap", "NORMAL", "Normal")):
+        row["label"] = label
+    _write_manifest(cohort, rows)
+    report = _validate(cohort, tmp_path / "report", vparams)
+    assert report.passed, report.summary()
+    assert report.class_counts == {"covid": 2, "cap": 2, "normal": 2}
+    assert list(load_manifest(cohort)["label"]) == list(LABELS)
+
+
+def test_two_rows_naming_one_image_fail(cohort: Path, tmp_path: Path, vparams: dict) -> None:
+    """The same scan twice (here through ``..``) could land in train and test; load_manifest refuses it too."""
+    from deepsc.data.manifest import load_manifest
+    from deepsc.errors import InputError
+
+    rows = _read_manifest(cohort)
+    rows[5]["image_path"] = "../data/case_4.nii.gz"
+    _write_manifest(cohort, rows)
+    message, failures = _fail(cohort, tmp_path / "report", vparams)
+    assert {(f["case_id"], f["check"]) for f in failures} == {("case_4", "image_unique"), ("case_5", "image_unique")}
+    assert "image_unique" in message
+    with pytest.raises(InputError, match=r"rows 5, 6 \(cases 'case_4', 'case_5'\) name the same image"):
+        load_manifest(cohort)
+
+
+def test_the_gate_reads_the_file_the_pipeline_reads(cohort: Path, tmp_path: Path, vparams: dict) -> None:
+    """``link/..`` with ``link`` a symbolic link: the manifest's resolver (``..`` collapsed first)
+    names data/case_0.nii.gz, the operating system the link target's parent. Both read the former."""
+    from deepsc.data.manifest import load_manifest
+
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "deep").mkdir(parents=True)
+    (cohort.parent / "link").symlink_to(elsewhere / "deep")
+    nib.save(nib.Nifti1Image(_image_xyz(_windowed), _GOOD_AFFINE), elsewhere / "case_0.nii.gz")  # a decoy, not CT
+    rows = _read_manifest(cohort)
+    rows[0]["image_path"] = "link/../case_0.nii.gz"
+    _write_manifest(cohort, rows)
+    assert load_manifest(cohort).loc[0, "image_path"] == str(cohort.parent / "case_0.nii.gz")
+    report = _validate(cohort, tmp_path / "report", vparams)
+    assert report.passed, report.summary()
+    assert report.cases.set_index("case_id").loc["case_0", "intensity_kind"] == "hu"
+
+
+def test_ge_outside_field_of_view_padding_passes(cohort: Path, tmp_path: Path, vparams: dict, params: dict) -> None:
+    """A NIfTI converted from GE DICOM (dcm2niix) keeps -3024 HU outside the reconstructed circle."""
+    from deepsc.data.io import read_ct
+    from deepsc.data.validate import ValidateConfig
+    from deepsc.diagnose import check_is_ct
+
+    assert ValidateConfig.from_params(params).hu_min_floor == ValidateConfig().hu_min_floor == -3100.0
+    image = _anatomy()[0] + np.random.default_rng(0).normal(0, 10, SHAPE).astype(np.float32)
+    _, yy, xx = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    image[np.broadcast_to((yy - 15.5) ** 2 + (xx - 15.5) ** 2 > 16.0**2, SHAPE)] = -3024.0  # the corners
+    _save(image.astype(np.int16), cohort.parent / "case_0.nii.gz", np.int16)
+    report = _validate(cohort, tmp_path / "report", vparams)
+    assert report.passed, report.summary()
+    assert report.cases.set_index("case_id").loc["case_0", "hu_min"] == -3024.0
+    check_is_ct(read_ct(cohort.parent / "case_0.nii.gz", "case_0"), params)  # diagnose accepts it too
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -384,5 +462,5 @@ def test_real_dicom_series_passes_the_volume_checks(real_ct_dir: Path) -> None:
 
     row = measure_case(CaseFiles(2, "P002", "covid", real_ct_dir), max_voxels=400_000_000)
     assert row["readable"] and row["read_error"] is None
-    assert row["intensity_kind"] == "hu" and row["hu_p01"] < -900 and row["hu_min"] >= -3000
+    assert row["intensity_kind"] == "hu" and row["hu_p01"] < -900 and row["hu_min"] >= -3100
     assert row["n_slices"] == 133 and 0.1 <= row["spacing_min_mm"] <= row["spacing_max_mm"] <= 12

@@ -44,7 +44,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from deepsc.errors import InputError
+from deepsc.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,18 @@ def _fraction_in(values: np.ndarray, bands: list[tuple[float, float]]) -> float:
 
 # --- cohort -------------------------------------------------------------------------------
 
+def analysis_settings(params: Mapping[str, Any]) -> tuple[float, int]:
+    """``(analysis.plr_sigma_mm >= 0, analysis.min_component_voxels >= 0)``, checked."""
+    settings = dict(params.get("analysis", {}) or {})
+    sigma = settings.get("plr_sigma_mm", HEADLINE_PLR_SIGMA_MM)
+    min_voxels = settings.get("min_component_voxels", MIN_COMPONENT_VOXELS)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < float("inf"):
+        raise ConfigError(f"analysis.plr_sigma_mm must be a number of mm >= 0, got {sigma!r}")
+    if isinstance(min_voxels, bool) or not isinstance(min_voxels, int) or min_voxels < 0:
+        raise ConfigError(f"analysis.min_component_voxels must be an integer >= 0, got {min_voxels!r}")
+    return float(sigma), int(min_voxels)
+
+
 def analyze_cohort(manifest: Path, out_dir: Path, params: Mapping[str, Any]) -> dict[str, Any]:
     """Lesion statistics of every COVID-19 and CAP scan of `manifest` that has a lesion mask.
 
@@ -232,9 +244,7 @@ def analyze_cohort(manifest: Path, out_dir: Path, params: Mapping[str, Any]) -> 
     the summary. Settings (optional ``analysis`` section): ``plr_sigma_mm`` (headline sigma),
     ``min_component_voxels``.
     """
-    settings = dict(params.get("analysis", {}) or {})
-    sigma = float(settings.get("plr_sigma_mm", HEADLINE_PLR_SIGMA_MM))
-    min_voxels = int(settings.get("min_component_voxels", MIN_COMPONENT_VOXELS))
+    sigma, min_voxels = analysis_settings(params)
     sigmas = tuple(sorted(set(PLR_SIGMAS_MM) | {sigma}))
     from deepsc.data.manifest import load_manifest
 

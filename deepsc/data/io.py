@@ -630,8 +630,7 @@ class _Geometry:
 
 def _series_geometry(slices: list[_DicomSlice], folder: Path, case_id: str) -> _Geometry:
     """Sort slices along the normal of Image Orientation (Patient) and check the spacing."""
-    if len(slices) == 1 and int(slices[0].header.get("NumberOfFrames", 1) or 1) > 1:
-        raise InputError(case_id, f"{slices[0].path} is a multi-frame (enhanced) DICOM: only one-slice-per-file series are read")
+    _refuse_multiframe(slices, folder, case_id)
     if len(slices) < 2:
         raise InputError(case_id, f"series in {folder} has a single slice: a 2D image, a 3D CT volume is needed")
     rows, cols = (int(v) for v in _consistent(slices, _size, "image size (rows, columns)", 0.0, folder, case_id))
@@ -665,6 +664,28 @@ def _series_geometry(slices: list[_DicomSlice], folder: Path, case_id: str) -> _
     affine[:3, 2] = step
     affine[:3, 3] = positions[0]
     return _Geometry(order, affine, rows, cols, notes)
+
+
+def _refuse_multiframe(slices: list[_DicomSlice], folder: Path, case_id: str) -> None:
+    """InputError naming the first multi-frame (enhanced) file of the series, and how many there are."""
+    multiframe = [(s.path, frames) for s in slices if (frames := _n_frames(s.header)) > 1]
+    if not multiframe:
+        return
+    (path, frames), more = multiframe[0], len(multiframe) - 1
+    others = f" (and {more} more of the {len(slices)} files in {folder})" if more else ""
+    raise InputError(
+        case_id,
+        f"{path} is a multi-frame (enhanced) DICOM of {frames} frames{others}: only one-slice-per-file "
+        "series are read (convert the series, e.g. with dcm2niix, and give the NIfTI)",
+    )
+
+
+def _n_frames(header: Any) -> int:
+    """Number of Frames (0028,0008) of a header; 1 when absent or unreadable."""
+    try:
+        return int(header.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
 
 
 def _check_slice_steps(along: np.ndarray, names: list[str], folder: Path, case_id: str) -> tuple[float, list[str]]:

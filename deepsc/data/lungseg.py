@@ -25,6 +25,11 @@ hold for 0.6 mm and 5 mm scans:
 
 The lungmask backend (Hofmanninger et al. 2020, U-net R231) runs only when given a local
 weights file; nothing is ever downloaded.
+
+Whatever the backend, the total segmented volume must reach ``lungseg.min_lung_volume_ml``
+(:data:`DEFAULT_MIN_LUNG_VOLUME_ML` when unset): a gas pocket in an abdominal or head scan is
+large enough to pass step 4, but far smaller than an adult's lungs, so such a scan is refused
+instead of being processed as a chest CT.
 """
 
 from __future__ import annotations
@@ -48,6 +53,15 @@ BACKENDS = ("threshold", "lungmask")
 
 ALGORITHM_VERSION = 2
 """Bumped whenever the threshold backend's output changes (part of preprocessing's content hash)."""
+
+DEFAULT_MIN_LUNG_VOLUME_ML = 400.0
+"""Plausibility floor (mL) of the total segmented lung volume (``lungseg.min_lung_volume_ml``).
+
+Adult lungs hold 2-7 L at CT; segmented here: the default and tiny synthetic cohorts and the
+tests' synthetic scans 2.3-5.2 L, the real scan P002 4.1 L. 400 mL leaves a margin of more than
+5x, while bowel or stomach gas (tens to a few hundred mL) stays below it. Infants' and young
+children's lungs can be smaller: lower the setting for paediatric scans.
+"""
 
 _IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
 _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
@@ -96,6 +110,7 @@ def segment_lungs(
     backend: str = "threshold",
     weights: Path | str | None = None,
     settings: ThresholdSettings | None = None,
+    min_lung_volume_ml: float = DEFAULT_MIN_LUNG_VOLUME_ML,
 ) -> np.ndarray:
     """Binary lung mask of a CT scan.
 
@@ -104,15 +119,19 @@ def segment_lungs(
         backend: ``threshold`` (offline default) or ``lungmask`` (needs ``weights``).
         weights: local path of a lungmask R231 state dict (``.pth``), for ``lungmask`` only.
         settings: threshold-backend settings (defaults when None).
+        min_lung_volume_ml: smallest plausible total lung volume in mL (0 turns the check off).
 
     Returns:
         uint8 ``(Z, Y, X)`` {0, 1} on the scan's grid: both lungs, without trachea and main
         bronchi, with vessels and lesions inside.
 
     Raises:
-        InputError: no lung found (names the case).
-        ConfigError: unknown backend, or the lungmask backend without package or weights file.
+        InputError: no lung found, or lungs smaller than ``min_lung_volume_ml`` (names the case
+            and the measured volume).
+        ConfigError: unknown backend, the lungmask backend without package or weights file, or a
+            negative ``min_lung_volume_ml``.
     """
+    floor = _min_lung_volume(min_lung_volume_ml)
     if backend == "threshold":
         mask = threshold_lungs(volume.array, volume.spacing, settings or ThresholdSettings())
     elif backend == "lungmask":
@@ -121,12 +140,37 @@ def segment_lungs(
         raise ConfigError(f"unknown lung segmentation backend '{backend}' (known: {', '.join(BACKENDS)})")
     if not mask.any():
         raise InputError(volume.case_id, "no lung found (is this a chest CT in HU?)")
+    _check_lung_volume(mask, volume, floor)
     return mask
 
 
 def segment_lungs_from_params(volume: CTVolume, lungseg_params: Mapping[str, Any]) -> np.ndarray:
-    """:func:`segment_lungs` with the ``lungseg`` section of params.yaml."""
-    return segment_lungs(volume, lungseg_params.get("backend", "threshold"), lungseg_params.get("lungmask_weights"))
+    """:func:`segment_lungs` with the ``lungseg`` section of params.yaml (``backend``,
+    ``lungmask_weights``, ``min_lung_volume_ml``; defaults for absent keys)."""
+    return segment_lungs(
+        volume,
+        lungseg_params.get("backend", "threshold"),
+        lungseg_params.get("lungmask_weights"),
+        min_lung_volume_ml=lungseg_params.get("min_lung_volume_ml", DEFAULT_MIN_LUNG_VOLUME_ML),
+    )
+
+
+def _min_lung_volume(value: Any) -> float:
+    """``lungseg.min_lung_volume_ml`` checked: a finite number >= 0 (mL)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < float("inf"):
+        raise ConfigError(f"lungseg.min_lung_volume_ml must be a number >= 0 (mL), got {value!r}")
+    return float(value)
+
+
+def _check_lung_volume(mask: np.ndarray, volume: CTVolume, floor_ml: float) -> None:
+    """Refuse a lung mask whose total volume (mL) is below ``floor_ml``: gas, not lungs."""
+    found_ml = float(np.count_nonzero(mask)) * volume.voxel_volume_ml
+    if found_ml < floor_ml:
+        raise InputError(
+            volume.case_id,
+            f"the segmented lungs hold only {found_ml:.0f} mL, below lungseg.min_lung_volume_ml = {floor_ml:g} mL: "
+            "not a chest CT covering the lungs (abdominal gas, a partial scan?); lower the setting for paediatric scans",
+        )
 
 
 # ----------------------------------------------------------------------------- threshold backend
@@ -310,7 +354,9 @@ def select_lungs(candidates: np.ndarray, spacing: tuple[float, float, float], se
     """Label image ``(Z, Y, X)`` int32 of the air components that are lung, 0 elsewhere.
 
     Lung components are at least ``min_lung_ml`` and ``min_lung_fraction`` of the largest, and
-    reach above the middle of the largest one's slice range (bowel and stomach gas do not).
+    reach above the middle of the largest one's slice range (bowel and stomach gas do not). A
+    scan without lungs keeps its largest gas pocket here; :func:`segment_lungs` refuses it by
+    its total volume (``lungseg.min_lung_volume_ml``).
     """
     labels, count = ndimage.label(candidates)
     if count == 0:

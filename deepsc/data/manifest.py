@@ -1,10 +1,14 @@
 """The cohort manifest (``data/manifest.csv``): loading, validation, writing, importers.
 
 Columns (docs/architecture.md): ``case_id`` (unique, ``[A-Za-z0-9._-]+``), ``label``
-(covid | cap | normal), ``image_path``, ``mask_path`` (lesion mask, may be empty),
-``lung_path`` (true lung mask, may be empty), ``source`` (free text). In the file, paths are
-relative to the manifest's folder (or absolute); :func:`load_manifest` returns them absolute
-and :func:`write_manifest` writes them relative again. Extra columns are kept.
+(covid | cap | normal, any letter case: read lower-cased), ``image_path`` (each scan once: two
+rows naming the same file are refused), ``mask_path`` (lesion mask, may be empty),
+``lung_path`` (true lung mask, may be empty), ``source`` (free text), and optionally
+``patient_id`` (free text, may be empty: the scans of one patient stay together in the split,
+see :mod:`deepsc.data.split`). In the file, paths are relative to the manifest's folder (or
+absolute); :func:`load_manifest` returns them absolute (:func:`resolve_path`, the one resolver
+that every stage and the validation gate use) and :func:`write_manifest` writes them relative
+again. Extra columns are kept.
 
 Importers (``deepsc import --layout ... --root DIR``) build a manifest from public data:
 
@@ -47,6 +51,8 @@ logger = logging.getLogger(__name__)
 MANIFEST_COLUMNS = ("case_id", "label", "image_path", "mask_path", "lung_path", "source")
 REQUIRED_COLUMNS = ("case_id", "label", "image_path")
 PATH_COLUMNS = ("image_path", "mask_path", "lung_path")
+PATIENT_COLUMN = "patient_id"
+"""Optional: scans sharing a non-empty patient id are kept in one subset and fold by the split."""
 CASE_ID_REGEX = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
 """A case id names files and folders: no path separators, and no leading dot ("." and ".."
 are the folder itself and its parent)."""
@@ -87,9 +93,9 @@ def load_manifest(path: str | os.PathLike, *, check_files: bool = True) -> Any:
         raise InputError(str(path), f"not a readable CSV manifest: {' '.join(str(exc).split())}") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     frame = _complete(frame, str(path))
-    base = Path(os.path.abspath(path)).parent
+    base = manifest_folder(path)
     for column in PATH_COLUMNS:
-        frame[column] = [_absolute(value, base) for value in frame[column]]
+        frame[column] = [resolve_path(value, base) for value in frame[column]]
     problems = validate_manifest(frame, check_files=check_files)
     if problems:
         raise InputError(str(path), _problem_report(problems))
@@ -120,9 +126,30 @@ def validate_manifest(frame: Any, *, check_files: bool = True) -> list[str]:
     for case, rows in rows_of.items():
         if case and len(rows) > 1:
             problems.append(f"case_id {case!r} appears in rows {', '.join(map(str, rows))}: ids must be unique")
+    problems += _shared_images(frame)
     if frame.empty:
         problems.append("the manifest has no rows")
     return problems
+
+
+def _shared_images(frame: Any) -> list[str]:
+    """One problem per image file named by several rows (symbolic links followed): the same scan
+    twice could land in both train and test."""
+    rows_of: dict[str, list[tuple[int, str]]] = {}
+    for row, record in enumerate(frame.to_dict("records"), start=1):
+        if record["image_path"]:
+            rows_of.setdefault(same_file_key(record["image_path"]), []).append((row, record["case_id"]))
+    return [
+        f"rows {', '.join(str(r) for r, _ in rows)} (cases {', '.join(repr(c) for _, c in rows)}) name the same image {image}: "
+        "each scan may appear once (a scan in both train and test inflates the metrics)"
+        for image, rows in rows_of.items()
+        if len(rows) > 1
+    ]
+
+
+def same_file_key(path: str) -> str:
+    """A key equal for two absolute paths that name the same file or folder (links resolved)."""
+    return os.path.realpath(path)
 
 
 def write_manifest(frame: Any, path: str | os.PathLike) -> Path:
@@ -135,7 +162,7 @@ def write_manifest(frame: Any, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     frame = _complete(frame.copy(), str(path))
-    base = Path(os.path.abspath(path)).parent
+    base = manifest_folder(path)
     for column in PATH_COLUMNS:
         frame[column] = [_relative(value, base) for value in frame[column]]
     columns = list(MANIFEST_COLUMNS) + [c for c in frame.columns if c not in MANIFEST_COLUMNS]
@@ -314,10 +341,16 @@ def _complete(frame: Any, where: str) -> Any:
     for column in MANIFEST_COLUMNS:
         if column not in frame.columns:
             frame[column] = ""
-    for column in MANIFEST_COLUMNS:
-        frame[column] = [str(v).strip() for v in frame[column]]
-    frame["label"] = [v.lower() for v in frame["label"]]
+    for column in (*MANIFEST_COLUMNS, PATIENT_COLUMN):
+        if column in frame.columns:
+            frame[column] = [str(v).strip() for v in frame[column]]
+    frame["label"] = [normalise_label(v) for v in frame["label"]]
     return frame
+
+
+def normalise_label(value: str) -> str:
+    """A label as the pipeline compares it: lower case (``NORMAL``, ``Covid`` are accepted)."""
+    return value.lower()
 
 
 def expand_user(value: str) -> Path:
@@ -329,10 +362,19 @@ def expand_user(value: str) -> Path:
         return Path(value)
 
 
-def _absolute(value: str, base: Path) -> str:
+def manifest_folder(path: str | os.PathLike) -> Path:
+    """The absolute folder that a manifest's relative paths start from."""
+    return Path(os.path.abspath(path)).parent
+
+
+def resolve_path(value: str, base: str | os.PathLike) -> str:
+    """The absolute path of a manifest cell (``""`` stays ``""``): ``~`` expanded, relative to
+    ``base`` (:func:`manifest_folder`), ``..`` collapsed textually (``link/..`` is ``base``
+    even where ``link`` is a symbolic link). The ONE resolver: the stages (via
+    :func:`load_manifest`) and the validation gate read the same file."""
     if not value:
         return ""
-    return os.path.normpath(base / expand_user(value))
+    return os.path.normpath(Path(os.path.abspath(base)) / expand_user(value))
 
 
 def _relative(value: str, base: Path) -> str:

@@ -43,7 +43,7 @@ from scipy import ndimage
 
 from deepsc import CLASSES
 from deepsc.data.patches import extract_patch, patch_grid
-from deepsc.data.volume import CTVolume, atomic_write_bytes
+from deepsc.data.volume import CTVolume, atomic_write_bytes, shareable_mode
 from deepsc.errors import ConfigError, DeepSCError, InputError
 
 logger = logging.getLogger(__name__)
@@ -440,6 +440,9 @@ def _has_mask(case: Any) -> bool:
     return bool(str(case.mask_path or "")) or case.label == "normal"
 
 
+REFUSAL_ONLY_LUNGSEG_KEYS = ("min_lung_volume_ml",)
+
+
 def _settings_key(settings: PreprocessSettings, lungseg_params: Mapping[str, Any]) -> str:
     """Everything besides the input files that shapes a case's output, as canonical JSON."""
     from dataclasses import asdict
@@ -449,9 +452,14 @@ def _settings_key(settings: PreprocessSettings, lungseg_params: Mapping[str, Any
     payload = {
         "format": FORMAT_VERSION,
         "preprocess": asdict(settings),
-        "lungseg": dict(lungseg_params),
+        # a refusal threshold shapes no output: changing it must not redo the cases it accepts
+        "lungseg": {k: v for k, v in lungseg_params.items() if k not in REFUSAL_ONLY_LUNGSEG_KEYS},
         "lungseg_algorithm": [ALGORITHM_VERSION, asdict(ThresholdSettings())],
     }
+    weights = lungseg_params.get("lungmask_weights")
+    if lungseg_params.get("backend") == "lungmask" and weights and Path(weights).is_file():
+        # the same path may hold new weights: key the lung masks by the file's content
+        payload["lungmask_weights_sha256"] = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
     return json.dumps(payload, sort_keys=True, default=str)
 
 
@@ -495,6 +503,7 @@ def _write_case(case: Any, params: Mapping[str, Any], content_hash: str, cases_d
     """Read, segment, preprocess and atomically (re)place one case directory."""
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{case.case_id}-", dir=cases_dir))
     try:
+        tmp_dir.chmod(shareable_mode(directory=True))  # it becomes the case folder
         result = _preprocess_manifest_case(case, params)
         result.meta["content_hash"] = content_hash
         result.save(tmp_dir)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from deepsc.data.synth import STAMP_NAME
+from deepsc.data.volume import shareable_mode
 from deepsc.errors import InputError
 
 _SYNTH_FILE = re.compile(r"^(images|lungs|masks)/synth_\d+\.nii\.gz$")
@@ -67,4 +68,7 @@ def run_cli(args: argparse.Namespace, params: Mapping[str, Any]) -> int:
     args.out = args.out or Path(params.get("paths", {}).get("data", "data"))
     if not args.force:
         check_replaceable(args.out)
-    return synth.run_cli(args, params)
+    code = synth.run_cli(args, params)
+    if (Path(args.out) / STAMP_NAME).is_file():  # synth renames a mkdtemp folder (0700) into place
+        Path(args.out).chmod(shareable_mode(directory=True))
+    return code

@@ -20,9 +20,10 @@ optional_column            warning   mask_path, lung_path, source exist
 has_cases                  blocking  the manifest has at least one row
 case_id_present / _unique  blocking  non-empty, unique case ids
 case_id_format             blocking  ``[A-Za-z0-9._-]+`` (ids become folder names)
-label_present / _known     blocking  label in covid | cap | normal
+label_present / _known     blocking  label in covid | cap | normal (any letter case, as load_manifest)
 image_path_present         blocking  every row names an image
 image_exists               blocking  the image file exists
+image_unique               blocking  no two rows name the same image file (links followed)
 mask_exists / lung_exists  blocking  a named lesion / lung mask file exists
 mask_available             warning   covid and cap cases have a lesion mask
 class_present              blocking  every class has >= 1 case
@@ -52,7 +53,8 @@ Checks on values that could not be measured (unreadable image, no mask) see a mi
 which great-expectations skips, so each problem is reported once, by the check that names it.
 The lung comes from ``lung_path`` when given, else (only for cases with lesions) from
 ``deepsc.data.lungseg.segment_lungs_from_params``; without either the check is skipped with a note.
-The data are only read, never written.
+Paths are resolved by :func:`deepsc.data.manifest.resolve_path`, as every stage resolves them, so
+the gate checks the very files the pipeline reads. The data are only read, never written.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from deepsc import CLASSES
 from deepsc.config import outputs_dir, section
-from deepsc.data.manifest import CASE_ID_REGEX, expand_user
+from deepsc.data.manifest import CASE_ID_REGEX, manifest_folder, normalise_label, resolve_path, same_file_key
 from deepsc.data.volume import atomic_write_bytes
 from deepsc.data.volume_checks import VOLUME_COLUMNS, CaseFiles, LungSegmenter, measure_case
 from deepsc.errors import ConfigError, InputError, ValidationFailed
@@ -103,7 +105,7 @@ class ValidateConfig:
     max_slices: int = 2000
     max_voxels: int = 400_000_000
     spacing_mm: tuple[float, float] = (0.1, 12.0)
-    hu_min_floor: float = -3000.0
+    hu_min_floor: float = -3100.0  # below GE's -3024 / -3072 HU outside-field-of-view padding (dcm2niix keeps it)
     hu_max_ceiling: float = 32767.0
     air_p01_max_hu: float = -900.0
     lesion_outside_lung_max: float = 0.05
@@ -191,6 +193,7 @@ def manifest_checks() -> list[Check]:
         _check("label_known", True, gxe.ExpectColumnValuesToBeInSet, column="label", value_set=list(CLASSES)),
         _check("image_path_present", True, gxe.ExpectColumnValuesToNotBeNull, column="image_path"),
         _check("image_exists", True, gxe.ExpectColumnValuesToBeInSet, "image_path", column="image_exists", value_set=[True]),
+        _check("image_unique", True, gxe.ExpectColumnValuesToBeUnique, "image_path", column="image_file"),
         _check("mask_exists", True, gxe.ExpectColumnValuesToBeInSet, "mask_path", column="mask_exists", value_set=[True]),
         _check("lung_exists", True, gxe.ExpectColumnValuesToBeInSet, "lung_path", column="lung_exists", value_set=[True]),
         _check("mask_available", False, gxe.ExpectColumnValuesToBeInSet, column="has_mask", value_set=[True],
@@ -411,8 +414,8 @@ class ExpectationRunner:
 
 # ------------------------------------------------------------------------------------------ manifest
 def read_manifest(path: Path) -> "pd.DataFrame":
-    """The manifest as strings, empty cells as missing, plus ``line`` (header = line 1; blank
-    lines are skipped but counted, so findings point at the file's own line numbers).
+    """The manifest as strings, empty cells as missing, labels lower-cased, plus ``line`` (header
+    = line 1; blank lines are skipped but counted, so findings point at the file's own line numbers).
 
     Raises:
         InputError: the file is missing, unreadable or cannot be parsed as CSV.
@@ -431,17 +434,22 @@ def read_manifest(path: Path) -> "pd.DataFrame":
     frame = frame.astype(object).apply(lambda col: col.map(lambda v: (v.strip() or None) if isinstance(v, str) else v))
     frame.insert(0, "line", range(2, len(frame) + 2))
     blank = frame.drop(columns="line").isna().all(axis=1)
-    return frame[~blank].reset_index(drop=True)
+    frame = frame[~blank].reset_index(drop=True)
+    if "label" in frame:
+        frame["label"] = frame["label"].map(lambda v: normalise_label(v) if isinstance(v, str) else v)
+    return frame
 
 
 def resolve_files(frame: "pd.DataFrame", root: Path) -> "pd.DataFrame":
-    """Add optional columns that are absent and the file-existence columns the checks need."""
+    """Add optional columns that are absent and the file columns the checks need (``root``: the
+    manifest's folder, :func:`deepsc.data.manifest.manifest_folder`)."""
     frame = frame.copy()
     for column in OPTIONAL_COLUMNS:
         if column not in frame:
             frame[column] = None
     for column, flag in (("image_path", "image_exists"), ("mask_path", "mask_exists"), ("lung_path", "lung_exists")):
         frame[flag] = [_resolve(root, p).exists() if _present(p) else None for p in frame[column]]
+    frame["image_file"] = [same_file_key(str(_resolve(root, p))) if _present(p) else None for p in frame["image_path"]]
     frame["has_mask"] = [_present(p) for p in frame["mask_path"]]
     return frame
 
@@ -467,8 +475,8 @@ def class_table(frame: "pd.DataFrame") -> "pd.DataFrame":
 
 
 def _resolve(root: Path, value: str) -> Path:
-    path = expand_user(value)
-    return path if path.is_absolute() else root / path
+    """A manifest cell as the stages read it (:func:`deepsc.data.manifest.resolve_path`)."""
+    return Path(resolve_path(value, root))
 
 
 # ------------------------------------------------------------------------------------------- stage
@@ -501,9 +509,9 @@ def validate_cohort(manifest: Path, report_dir: Path, params: Mapping[str, Any])
         with _timed(report, "ge_setup"):
             runner = ExpectationRunner()
         with _timed(report, "manifest_expectations"):
-            frame = _validate_manifest(report, runner, frame, manifest.parent, cfg)
+            frame = _validate_manifest(report, runner, frame, manifest_folder(manifest), cfg)
         if frame is not None:
-            _validate_volumes(report, runner, frame, manifest.parent, cfg, params)
+            _validate_volumes(report, runner, frame, manifest_folder(manifest), cfg, params)
     return _finish(report, report_dir)
 
 

@@ -17,6 +17,7 @@ Orientation convention (used by every module of deepsc):
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import tempfile
@@ -139,12 +140,31 @@ def to_nibabel(volume: CTVolume, dtype: Any | None = None) -> Any:
     return img
 
 
+@functools.cache
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it: set, then restore at once
+    os.umask(mask)
+    return mask
+
+
+def shareable_mode(directory: bool = False) -> int:
+    """The mode ``open`` / ``mkdir`` would give under the process umask (0644 / 0755 under 022).
+
+    ``tempfile.mkstemp`` / ``mkdtemp`` create 0600 / 0700; a file or folder renamed into place
+    from them would stay unreadable to the other users of a shared volume (the MLflow server,
+    a pipeline step running as another uid)."""
+    return (0o777 if directory else 0o666) & ~_process_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
-    """Write a file so that readers see either the old or the complete new content."""
+    """Write a file so that readers see either the old or the complete new content.
+
+    The file gets the umask's mode, as a plain ``open`` would give it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, shareable_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
         os.replace(tmp, path)
