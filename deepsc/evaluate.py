@@ -39,6 +39,14 @@ sub-folders; names starting with ``_`` or ``.`` such as the ablation's ``_pretra
 skipped) is evaluated the same way into ``compare/<folder>__<model>/`` and the side-by-side
 ``comparison.csv`` / ``comparison.md`` are written (the paper's Table II, Fig. 8 and Fig. 9).
 
+The files an earlier evaluation left in ``out_dir`` (a comparison it had and this one lacks
+included) are removed first, so the folder never mixes two evaluations.
+
+A model whose ``config.json`` records other training data (``data_key``: the preprocessed index
+and the split) than the cohort evaluated is refused for the held-out metrics (prefix ``test``,
+which the registry's promotion gate reads): its test scans may have been its training scans.
+Under another prefix (another cohort) it is scored with a warning, also in ``report.md``.
+
 Metrics and files are logged to the evaluated model's MLflow run (``run.json``), metrics
 prefixed ``test_`` so they never mix with the training curves; a model without a run (or an
 unreachable tracking server) only gets a warning.
@@ -61,6 +69,10 @@ from deepsc import CLASSES
 from deepsc.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
+
+# the files one evaluation writes into its folder (besides figures/ and compare/)
+OUTPUT_FILES = ("metrics.json", "per_case.csv", "roc.csv", "confusion.csv", "confusion_matrix.csv", "report.md",
+                "report.html", "comparison.csv", "comparison.md")
 
 SEG_METRICS = ("dsc", "sensitivity", "specificity", "nsd", "rmsd_mm")
 CLS_METRICS = ("sensitivity", "specificity", "f1", "auc")
@@ -94,6 +106,7 @@ class ModelEvaluation:
     roc: dict[str, dict[str, list[float]]]
     confusion: list[list[int]] | None
     seg_geometry: str
+    other_training_data: bool = False  # config.json names other training data than this cohort and split
 
 
 # ----------------------------------------------------------------------------- the cohort
@@ -156,6 +169,9 @@ class OriginalMasks:
         for case in (c for c in cases if c.has_mask):
             if case.case_id not in table.index:
                 raise InputError(case.case_id, f"not in the manifest {manifest}")
+            if table.loc[case.case_id, "label"] != case.label:  # synthetic ids repeat across cohorts
+                raise InputError(case.case_id, f"is {table.loc[case.case_id, 'label']} in the manifest {manifest} but "
+                                               f"{case.label} in the preprocessed cohort: not the cohort that was preprocessed")
             path = str(table.loc[case.case_id, "mask_path"] or "")
             if not path and case.label != "normal":
                 raise InputError(case.case_id, "has no lesion mask file in the manifest")
@@ -275,6 +291,11 @@ def _aggregate(per_case: Any, predictor: Any) -> tuple[dict[str, Any], dict[str,
         # Table II segmentation: scans with lesions (COVID-19, CAP), as in the paper and the
         # benchmark of Ma et al.; on normal scans the only question is false positives.
         seg = per_case[per_case["has_mask"] & per_case["label"].isin(LESION_CLASSES)]
+        # an empty reference on a COVID-19 / CAP scan: Dice, NSD and RMSD are undefined (MONAI,
+        # DeepMind: NaN), not a perfect score for predicting nothing; left out and counted
+        empty_reference = seg["truth_volume_ml"] <= 0 if len(seg) else seg["has_mask"]
+        metrics["n_seg_empty_reference"] = int(empty_reference.sum())
+        seg = seg[~empty_reference]
         normal = per_case[per_case["has_mask"] & (per_case["label"] == "normal")]
         metrics["normal_false_positive_rate"] = float((normal["pred_volume_ml"] > 0).mean()) if len(normal) else math.nan
         metrics["normal_false_positive_ml_mean"] = float(normal["pred_volume_ml"].mean()) if len(normal) else math.nan
@@ -337,14 +358,20 @@ def evaluate_model(model_dir: Path, preprocessed: Path, split: Path, out_dir: Pa
 
     out_dir = Path(out_dir)
     cases = test_cases(Path(preprocessed), Path(split))
+    models = [(Path(model_dir).name, Path(model_dir)), *discover_models(compare, exclude=Path(model_dir))]
+    other_data = trained_elsewhere(models, Path(preprocessed), Path(split), held_out=mlflow_prefix == "test")
     masks = original_masks(manifest or Path((params.get("paths") or {}).get("manifest", "data/manifest.csv")), cases)
     chunk = int(params.get("evaluate", {}).get("sw_batch_size", 4))
     mirror, overlap = mirror_setting(params), overlap_setting(params)
-    main = evaluate_predictor(Predictor.from_dir(model_dir, chunk_size=chunk, mirror=mirror, overlap=overlap), cases, params, masks,
-                              Path(model_dir).name, Path(model_dir), progress)
-    write_evaluation(main, out_dir)
-    others = [evaluate_predictor(Predictor.from_dir(folder, chunk_size=chunk, mirror=mirror, overlap=overlap), cases, params, masks, name, folder, progress)
-              for name, folder in discover_models(compare, exclude=Path(model_dir))]
+    remove_previous_outputs(out_dir)
+    evaluations = []
+    for name, folder in models:
+        predictor = Predictor.from_dir(folder, chunk_size=chunk, mirror=mirror, overlap=overlap)
+        evaluation = evaluate_predictor(predictor, cases, params, masks, name, folder, progress)
+        evaluations.append(dataclasses.replace(evaluation, other_training_data=name in other_data))
+        if len(evaluations) == 1:
+            write_evaluation(evaluations[0], out_dir)
+    main, others = evaluations[0], evaluations[1:]
     for other in others:
         write_evaluation(other, out_dir / "compare" / other.name.replace("/", "__"), figures=False)
     if others:
@@ -354,6 +381,44 @@ def evaluate_model(model_dir: Path, preprocessed: Path, split: Path, out_dir: Pa
         log_to_mlflow(evaluation, out_dir if evaluation is main else out_dir / "compare" / evaluation.name.replace("/", "__"),
                       params, mlflow_prefix)
     return {**main.metrics, "seg_geometry": main.seg_geometry}
+
+
+def trained_elsewhere(models: Sequence[tuple[str, Path]], preprocessed: Path, split: Path, held_out: bool) -> set[str]:
+    """Names of the models whose ``config.json`` records other training data than ``preprocessed``
+    + ``split`` (a model without ``data_key`` is not judged).
+
+    Raises:
+        InputError: such a model while ``held_out`` (its "held-out" scans may be training scans).
+    """
+    from deepsc.train.stages import data_key
+
+    cohort = data_key(preprocessed, split)
+    other = set()
+    for name, folder in models:
+        try:
+            trained_on = json.loads((Path(folder) / "config.json").read_text()).get("data_key")
+        except (OSError, ValueError, AttributeError):
+            trained_on = None  # Predictor.from_dir reports an unreadable config
+        if not trained_on or trained_on == cohort:
+            continue
+        problem = (f"was trained on other data (data key {str(trained_on)[:12]}) than the preprocessed cohort and split "
+                   f"evaluated ({cohort[:12]})")
+        if held_out:
+            raise InputError(name, f"{problem}: its test scans may be its training scans, so these are no held-out "
+                                   "metrics. Score another cohort with --mlflow-prefix NAME --out DIR")
+        log.warning("%s %s: if they share scans, its metrics are optimistic", name, problem)
+        other.add(name)
+    return other
+
+
+def remove_previous_outputs(out_dir: Path) -> None:
+    """Delete the files of an earlier evaluation in ``out_dir`` (only the names it writes)."""
+    import shutil
+
+    for name in OUTPUT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    for name in ("figures", "compare"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
 
 
 def original_masks(manifest: Path, cases: Sequence[TestCase]) -> OriginalMasks | None:
@@ -454,8 +519,12 @@ def evaluation_report(evaluation: ModelEvaluation, pngs: Mapping[str, bytes]) ->
                 else "preprocessed grid and its resampled spacing (the manifest's original masks were not available)")
     m = evaluation.metrics
     notes = [
-        ("Model", f"{evaluation.predictor_name} from {evaluation.model_dir}; {m['n_test']} test scans of the split."),
-        ("Segmentation", f"Computed on the {geometry}; {m.get('n_seg', 0)} COVID-19 / CAP scans with a lesion mask. "
+        ("Model", f"{evaluation.predictor_name} from {evaluation.model_dir}; {m['n_test']} test scans of the split."
+                  + (" It was trained on other data than this cohort and split: if they share scans, these metrics are "
+                     "optimistic." if evaluation.other_training_data else "")),
+        ("Segmentation", f"Computed on the {geometry}; {m.get('n_seg', 0)} COVID-19 / CAP scans with a lesion mask"
+                         + (f" ({m['n_seg_empty_reference']} more whose mask is empty are left out: Dice, NSD and RMSD "
+                            "are undefined there)" if m.get("n_seg_empty_reference") else "") + ". "
                          "Metrics are mean (standard deviation) over scans in percent, RMSD in mm; RMSD is undefined (left "
                          f"out) when exactly one mask is empty ({m.get('rmsd_mm_excluded', 0)} scans). Normal scans: "
                          f"{_percent(m.get('normal_false_positive_rate'))} with any predicted lesion, "

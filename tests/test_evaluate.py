@@ -253,3 +253,74 @@ def test_table_ii_says_when_rmsd_averages_fewer_scans():
 
     assert rmsd_cell(0) == "12.00 (3.00)"
     assert rmsd_cell(3) == "12.00 (3.00) [13 of 16]"
+
+
+def test_an_empty_reference_is_left_out_not_a_perfect_score():
+    """A COVID-19 / CAP scan whose lesion mask is empty has no Dice, NSD or RMSD (MONAI: NaN)."""
+    from deepsc.evaluate import _aggregate
+
+    class SegOnly:
+        has_segmentation, has_classification, has_evidence = True, False, False
+
+    seg = {"dsc": 0.5, "sensitivity": 0.5, "specificity": 0.9, "nsd": 0.5, "rmsd_mm": 4.0, "seconds_seg": 1.0}
+    empty = {**seg, "dsc": 1.0, "nsd": 1.0, "rmsd_mm": 0.0, "pred_volume_ml": 0.0, "truth_volume_ml": 0.0}
+    per_case = pd.DataFrame([
+        {"case_id": "a", "label": "covid", "has_mask": True, **seg, "pred_volume_ml": 2.0, "truth_volume_ml": 3.0},
+        {"case_id": "b", "label": "cap", "has_mask": True, **empty},  # predicted nothing on an empty mask
+    ])
+    metrics, _, _ = _aggregate(per_case, SegOnly())
+    assert metrics["n_seg"] == 1 and metrics["n_seg_empty_reference"] == 1
+    assert metrics["dsc_mean"] == 0.5 and metrics["rmsd_mm_mean"] == 4.0
+
+
+def test_a_second_evaluation_leaves_nothing_of_the_first(cohort, tmp_path):
+    from deepsc.evaluate import evaluate_model
+
+    params, preprocessed, split = cohort
+    ablation, out = tmp_path / "ablation", tmp_path / "evaluation"
+    make_model_dir(ablation / "seg_only", "deepsc", "seg")
+    model = make_model_dir(tmp_path / "finetune")
+    evaluate_model(model, preprocessed, split, out, params, [ablation], progress=False)
+    assert (out / "comparison.md").is_file() and (out / "compare").is_dir()
+    (out / "notes.txt").write_text("mine")
+    evaluate_model(model, preprocessed, split, out, params, progress=False)  # no compare this time
+    assert not (out / "comparison.md").exists() and not (out / "comparison.csv").exists() and not (out / "compare").exists()
+    assert (out / "metrics.json").is_file() and (out / "notes.txt").read_text() == "mine"  # only its own files go
+
+
+def test_a_model_trained_on_other_data_gets_no_held_out_metrics(cohort, tmp_path, caplog):
+    from deepsc.evaluate import evaluate_model
+    from deepsc.train.stages import data_key
+
+    params, preprocessed, split = cohort
+
+    def model_with(key: str, folder: str) -> Path:
+        model = make_model_dir(tmp_path / folder)
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "data_key": key}))
+        return model
+
+    evaluate_model(model_with(data_key(preprocessed, split), "same"), preprocessed, split, tmp_path / "ok", params, progress=False)
+    assert "trained on other data" not in (tmp_path / "ok" / "report.md").read_text()
+    other = model_with("0123456789abcdef", "other")
+    with pytest.raises(InputError, match="trained on other data"):
+        evaluate_model(other, preprocessed, split, tmp_path / "held_out", params, progress=False)
+    assert not (tmp_path / "held_out" / "metrics.json").exists()
+    evaluate_model(other, preprocessed, split, tmp_path / "elsewhere", params, progress=False, mlflow_prefix="")
+    assert "trained on other data" in (tmp_path / "elsewhere" / "report.md").read_text()
+    assert "trained on other data" in caplog.text
+
+
+def test_a_manifest_of_another_cohort_is_not_used_for_the_reference(cohort, tmp_path, caplog):
+    from deepsc.evaluate import original_masks, test_cases
+
+    params, preprocessed, split = cohort
+    table = pd.read_csv(params["paths"]["manifest"], dtype=str, keep_default_na=False)
+    table["image_path"] = [str(Path(params["paths"]["manifest"]).parent / p) for p in table["image_path"]]
+    table["mask_path"] = [str(Path(params["paths"]["manifest"]).parent / p) if p else "" for p in table["mask_path"]]
+    assert original_masks(Path(params["paths"]["manifest"]), test_cases(preprocessed, split)) is not None
+    covid = table["label"] == "covid"
+    table.loc[covid, "label"] = "cap"  # same ids (synthetic ids repeat across cohorts), other cohort
+    table.to_csv(tmp_path / "manifest.csv", index=False)
+    assert original_masks(tmp_path / "manifest.csv", test_cases(preprocessed, split)) is None
+    assert "not the cohort that was preprocessed" in caplog.text
