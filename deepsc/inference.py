@@ -164,6 +164,11 @@ class Predictor:
         task = config.get("task") or {"deepsc": "joint", "unet": "seg", "classifier": "cls"}[kind]
         if task not in TASKS:
             raise ConfigError(f"unknown task {task!r} in config.json (known: {', '.join(TASKS)})")
+        if kind == "deepsc" and task == "cls" and config.get("image_only") is False:
+            # the stage-1 classifier learnt from whole-scan lesion maps; alone it would read an
+            # empty one (and call every scan the same class). Only the image-only w/o Seg runs alone.
+            raise ConfigError(f"this DeepSC classifier ({config.get('stage', 'stage unknown')}) needs a lesion map from a "
+                              "segmentation model and cannot run alone; use the fine-tuned model (stage finetune)")
         self.model = model.eval()
         self.config = dict(config)
         self.kind: str = kind

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from deepsc import CLASSES
-from deepsc.errors import InputError
+from deepsc.errors import ConfigError, InputError
 
 PATCH = (8, 32, 32)
 CLS_SHAPE = (16, 32, 32)
@@ -240,6 +240,19 @@ def test_bad_inputs_and_folders_are_clear_errors(tmp_path):
     (folder / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="cannot"):
         Predictor.from_dir(folder, device="cpu")
+
+
+def test_a_stage_1_classifier_that_needs_lesion_maps_is_refused_alone(tmp_path):
+    """pretrain-cls learnt from whole-scan lesion maps: alone it would read an empty map."""
+    from deepsc.inference import Predictor
+
+    folder = make_model_dir(tmp_path / "m", "deepsc", "cls")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "image_only": False}))
+    with pytest.raises(ConfigError, match="needs a lesion map"):
+        Predictor.from_dir(folder, device="cpu")
+    (folder / "config.json").write_text(json.dumps({**config, "image_only": True}))  # w/o Seg: image only
+    assert Predictor.from_dir(folder, device="cpu").task == "cls"
 
 
 @pytest.mark.parametrize(("text", "problem"), [("{not json", "not valid JSON"), ('{"stage": "finetune"}', "no 'params'"),
