@@ -119,7 +119,12 @@ def ensure_experiment(params: Mapping[str, Any]) -> str:
     uri = configure(params)
     name = str((params.get("mlflow") or {}).get("experiment") or "deepsc-covid")
     client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
+    try:
+        experiment = client.get_experiment_by_name(name)
+    except (MlflowException, OSError) as exc:  # no server there, or a store it cannot open
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ConfigError(f"cannot reach the MLflow tracking store {uri} (MLFLOW_TRACKING_URI or mlflow.tracking_uri): "
+                          f"{first_line}") from None
     if experiment is None:
         try:
             return client.create_experiment(name, artifact_location=artifact_location(uri))
@@ -166,25 +171,35 @@ def start_run(
 
 
 def provenance_tags(params: Mapping[str, Any], stage: str) -> dict[str, str]:
-    """``git_commit``, ``git_dirty``, ``data_version``, ``stage`` and ``profile``.
+    """``git_commit``, ``git_dirty``, ``data_version``, ``code_version``, ``stage`` and ``profile``.
 
     From this checkout, unless ``params`` carries a ``provenance`` section: a Kubeflow run's
     first step pins the revision it fetched (:func:`deepsc.data.fetch.resolve_provenance`), and
-    its steps run in a container with neither ``.git`` nor ``data.dvc``.
+    its steps run in a container with neither ``.git`` nor ``data.dvc``. That revision is a
+    commit (``git_dirty`` false: its settings and data are committed ones); the code that ran is
+    the container's installed package, ``code_version``.
     """
+    from deepsc import __version__
+
     root = project_root()
     pinned = params.get("provenance") or {}
     if pinned.get("git_commit") and pinned.get("data_version"):
-        commit, dirty, data = str(pinned["git_commit"]), "False", str(pinned["data_version"])
+        commit, dirty, data = str(pinned["git_commit"]), "false", str(pinned["data_version"])
     else:
         (commit, dirty), data = git_state(root), data_version(root)
     return {
         "git_commit": commit,
         "git_dirty": dirty,
         "data_version": data,
+        "code_version": str(__version__),
         "stage": str(stage),
         "profile": str(params.get("profile", "default")),
     }
+
+
+# What the pipeline itself rewrites while `dvc repro` runs: not an uncommitted change of the
+# code, settings or data a run was made from (git pathspec magic, relative to the root).
+PIPELINE_WRITTEN = (":(exclude)dvc.lock", ":(exclude)outputs")
 
 
 def git_state(root: Path) -> tuple[str, str]:
@@ -200,7 +215,7 @@ def git_state(root: Path) -> tuple[str, str]:
     commit = git("rev-parse", "HEAD")
     if not commit:
         return "unknown", "unknown"
-    status = git("status", "--porcelain")
+    status = git("status", "--porcelain", "--", ".", *PIPELINE_WRITTEN)
     return commit, "unknown" if status is None else str(bool(status)).lower()
 
 
@@ -286,15 +301,24 @@ def log_metrics_per_epoch(record: Mapping[str, Any], epoch: int) -> None:
         for key, value in record.items()
         if key != "epoch" and _is_number(value)
     }
-    if metrics:
+    if not metrics:
+        return
+    from mlflow.exceptions import MlflowException
+
+    try:
         mlflow.log_metrics(metrics, step=epoch)
+    except (MlflowException, OSError) as exc:  # the epoch is in last.pt and history.csv; a resume re-logs it
+        log.warning("epoch %d not logged to MLflow (training goes on): %s", epoch, (str(exc).splitlines() or [""])[0][:300])
 
 
 def log_metrics(metrics: Mapping[str, Any]) -> None:
-    """Log the numeric, finite entries of a summary (for example metrics.json) to the active run."""
+    """Log the numeric entries of a summary (for example metrics.json) to the active run.
+
+    NaN (an undefined metric, null in metrics.json) is logged too: skipping it would leave an
+    earlier evaluation's value as the run's latest."""
     import mlflow
 
-    numeric = {_param_key(str(k)): float(v) for k, v in metrics.items() if _is_number(v) and math.isfinite(float(v))}
+    numeric = {_param_key(str(k)): float(v) for k, v in metrics.items() if _is_number(v)}
     if numeric:
         mlflow.log_metrics(numeric)
 

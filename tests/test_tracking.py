@@ -133,6 +133,10 @@ def test_git_dirty_follows_the_working_tree(tmp_path):
     git("-c", "user.name=t", "-c", "user.email=t@example.org", "commit", "-qm", "init")
     commit, dirty = tracking.git_state(tmp_path)
     assert len(commit) == 40 and dirty == "false"
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")  # what `dvc repro` rewrites is no uncommitted change
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "metrics.json").write_text("{}")
+    assert tracking.git_state(tmp_path) == (commit, "false")
     (tmp_path / "a.txt").write_text("b")
     assert tracking.git_state(tmp_path) == (commit, "true")
 
@@ -153,4 +157,36 @@ def test_a_pinned_revision_names_the_runs_of_a_container_without_git(tmp_path, m
     monkeypatch.setattr(tracking, "project_root", lambda: tmp_path)  # as in the container
     assert tracking.provenance_tags({}, "finetune")["data_version"] == "unversioned"
     tags = tracking.provenance_tags({"provenance": pinned}, "finetune")
-    assert (tags["git_commit"], tags["data_version"], tags["git_dirty"]) == (head, pinned["data_version"], "False")
+    assert (tags["git_commit"], tags["data_version"], tags["git_dirty"]) == (head, pinned["data_version"], "false")
+    from deepsc import __version__
+
+    assert tags["code_version"] == __version__  # the container's code, which the revision does not pin
+
+
+def test_an_unreachable_tracking_server_is_a_settings_error(params, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(ConfigError, match="cannot reach the MLflow tracking store http://127.0.0.1:9"):
+        tracking.ensure_experiment(params)
+
+
+def test_an_epoch_that_cannot_be_logged_does_not_stop_training(tracked, monkeypatch, caplog):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    def down(*args, **kwargs):
+        raise MlflowException("API request to http://mlflow/api/2.0/mlflow/runs/log-batch failed")
+
+    with tracking.start_run(tracked, "outage", "finetune"):
+        monkeypatch.setattr(mlflow, "log_metrics", down)
+        tracking.log_metrics_per_epoch({"loss": 1.0}, 3)  # no exception: last.pt and history.csv hold the epoch
+    assert "epoch 3 not logged to MLflow" in caplog.text
+
+
+def test_an_undefined_metric_replaces_an_earlier_value(tracked):
+    with tracking.start_run(tracked, "nan", "evaluate") as run:
+        tracking.log_metrics({"test_rmsd_mm_mean": 4.0})
+        tracking.log_metrics({"test_rmsd_mm_mean": float("nan"), "label": "x"})
+    value = _client().get_run(run.info.run_id).data.metrics["test_rmsd_mm_mean"]
+    assert value != value  # NaN: the earlier 4.0 is not left standing
