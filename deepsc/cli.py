@@ -54,9 +54,19 @@ def _module(name: str):
     return importlib.import_module(name)
 
 
+GLOBAL_OPTIONS_WITH_VALUE = ("--params", "--profile")
+
+
 def _command_in(argv: list[str]) -> str | None:
-    """The first argument that names a command (global options come before it)."""
-    return next((arg for arg in argv if arg in COMMANDS), None)
+    """The command: the first argument that is neither a global option nor its value (a
+    profile may be called like a command)."""
+    arguments = iter(argv)
+    for arg in arguments:
+        if arg in GLOBAL_OPTIONS_WITH_VALUE:
+            next(arguments, None)
+        elif not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,10 +95,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _needs_params(args: argparse.Namespace) -> bool:
-    """Commands that work on one file (diagnose with --model) may run without params.yaml."""
+    """Commands that work on one file (diagnose with --model) may run without params.yaml, but
+    not with a profile: there would be nothing to choose it from."""
     from pathlib import Path
 
-    return Path(args.params).is_file() or args.params != "params.yaml"
+    from deepsc.errors import ConfigError
+
+    needed = Path(args.params).is_file() or args.params != "params.yaml"
+    if not needed and args.profile:
+        raise ConfigError(f"--profile {args.profile} needs a settings file: {args.params} not found (run in the "
+                          "project folder or give --params)")
+    return needed
 
 
 if __name__ == "__main__":

@@ -28,16 +28,52 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
+# Sections whose keys are names the user chooses (a profile may add an ablation variant).
+OPEN_SECTIONS = ("ablation.variants",)
+# Chosen with --profile / DEEPSC_PROFILE / the file's `profile`, never by an override.
+NOT_OVERRIDABLE = ("profile", "profiles")
+
+
+def check_value(key: str, old: Any, new: Any) -> None:
+    """Refuse a new value of another kind than the setting's: a section stays a section, a
+    number a number (int and float mix), a flag a flag, text text, a list a list. A setting
+    that is null (unset) takes any value, and null replaces any value but a section."""
+    def kind(value: Any) -> str:
+        if value is None:
+            return "null"
+        if isinstance(value, Mapping):
+            return "a section"
+        if isinstance(value, bool):
+            return "true/false"
+        if isinstance(value, (int, float)):
+            return "a number"
+        if isinstance(value, str):
+            return "text"
+        if isinstance(value, (list, tuple)):
+            return "a list"
+        return type(value).__name__
+
+    if old is None or (new is None and not isinstance(old, Mapping)):
+        return
+    if kind(old) != kind(new):
+        now = "" if isinstance(old, Mapping) else f" ({old!r})"
+        raise ConfigError(f"setting '{key}' is {kind(old)}{now}, got {kind(new)}: {new!r}")
+
+
 def set_dotted(params: dict[str, Any], dotted_key: str, value: Any) -> None:
-    """Set `a.b.c` = value in a nested dict, refusing keys that do not exist (typos)."""
+    """Set `a.b.c` = value in a nested dict, refusing keys that do not exist (typos) and values
+    of another kind (:func:`check_value`)."""
     node = params
     parts = dotted_key.split(".")
+    if parts[0] in NOT_OVERRIDABLE:
+        raise ConfigError(f"'{dotted_key}' cannot be overridden: choose a profile with --profile or DEEPSC_PROFILE")
     for part in parts[:-1]:
         if not isinstance(node.get(part), dict):
             raise ConfigError(f"unknown setting '{dotted_key}': '{part}' is not a section")
         node = node[part]
     if parts[-1] not in node:
         raise ConfigError(f"unknown setting '{dotted_key}'")
+    check_value(dotted_key, node[parts[-1]], value)
     node[parts[-1]] = value
 
 
@@ -47,6 +83,23 @@ def apply_overrides(params: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
     for key, value in overrides.items():
         set_dotted(result, key, value)
     return result
+
+
+def check_profile(base: Mapping[str, Any], profile: Any, name: str, prefix: str = "") -> None:
+    """Refuse a profile that is not a mapping, names a setting the defaults lack (a typo), or
+    changes a setting's kind (:func:`check_value`); keys under :data:`OPEN_SECTIONS` are free."""
+    if not isinstance(profile, Mapping):
+        raise ConfigError(f"profile '{name}': {prefix.rstrip('.') or 'the profile'} must map settings to values, "
+                          f"got {type(profile).__name__}")
+    for key, value in profile.items():
+        dotted = f"{prefix}{key}"
+        if prefix.rstrip(".") in OPEN_SECTIONS:
+            continue
+        if key not in base:
+            raise ConfigError(f"profile '{name}' sets '{dotted}', which is no setting of params.yaml (a typo?)")
+        check_value(dotted, base[key], value)
+        if isinstance(value, Mapping) and isinstance(base[key], Mapping):
+            check_profile(base[key], value, name, f"{dotted}.")
 
 
 def load_params(path: str | os.PathLike = DEFAULT_PARAMS, profile: str | None = None) -> dict[str, Any]:
@@ -64,10 +117,13 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS, profile: str | None = 
         raise ConfigError(f"{path} must hold a mapping of sections")
     profiles = raw.pop("profiles", {}) or {}
     name = profile or os.environ.get("DEEPSC_PROFILE") or raw.get("profile", "default")
+    if not isinstance(profiles, Mapping):
+        raise ConfigError(f"{path}: 'profiles' must map profile names to settings")
     if name != "default":
         if name not in profiles:
             raise ConfigError(f"unknown profile '{name}' (known: default, {', '.join(sorted(profiles))})")
-        raw = deep_merge(raw, profiles[name])
+        check_profile(raw, profiles[name] or {}, name)
+        raw = deep_merge(raw, profiles[name] or {})
     raw["profile"] = name
     return raw
 

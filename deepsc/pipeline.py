@@ -171,8 +171,13 @@ def run_cli(args: argparse.Namespace, params: dict) -> int:
     if args.action == "compile":
         print(compile_pipeline(args.package))
         return 0
+    overrides = _parse_overrides(args.overrides)
+    if params:  # the cluster applies them to params.yaml at --data-version: a typo or a wrong kind fails here first
+        from deepsc.config import apply_overrides
+
+        apply_overrides(params, overrides)
     arguments = pipeline_arguments(args.repo_url, args.data_version, args.profile or params.get("profile", "default"),
-                                   _parse_overrides(args.overrides), args.mlflow_uri)
+                                   overrides, args.mlflow_uri)
     if args.action == "submit":
         print(json.dumps(submit_pipeline(args.host, arguments, args.package, args.experiment, args.run_name,
                                          args.cron, args.dry_run), indent=2))
