@@ -72,6 +72,44 @@ def test_one_image_named_by_two_rows_is_refused(tmp_path: Path) -> None:
             load_manifest(path, check_files=check_files)
 
 
+def test_case_ids_differing_only_in_letter_case_are_refused(tmp_path: Path) -> None:
+    """``Case_01`` and ``case_01`` would share one output folder on macOS or a Windows share."""
+    path = tmp_path / "m.csv"
+    path.write_text("case_id,label,image_path\nCase_01,covid,a.nii.gz\nb,normal,b.nii.gz\ncase_01,cap,c.nii.gz\n"
+                    "CASE_01,normal,d.nii.gz\nCASE_01,normal,e.nii.gz\nx,covid,f.nii.gz\nx,covid,g.nii.gz\n")
+    with pytest.raises(InputError) as caught:
+        load_manifest(path, check_files=False)
+    message = str(caught.value)
+    assert "3 problem(s)" in message  # CASE_01 twice, x twice, the Case_01 / case_01 / CASE_01 group once
+    assert "case_id 'CASE_01' appears in rows 4, 5: ids must be unique" in message
+    assert "case_id 'x' appears in rows 6, 7: ids must be unique" in message
+    assert ("case_ids 'Case_01' (row 1), 'case_01' (row 3), 'CASE_01' (rows 4, 5) differ only in letter case: "
+            "they would share one output folder on a case-insensitive file system") in message
+    path.write_text("case_id,label,image_path\nCase_01,covid,a.nii.gz\ncase_02,normal,b.nii.gz\n")
+    assert list(load_manifest(path, check_files=False)["case_id"]) == ["Case_01", "case_02"]
+
+
+def test_a_dicom_file_and_its_series_folder_are_one_image(tmp_path: Path) -> None:
+    """read_ct reads a DICOM file's whole series from its folder: the folder, a file in it (with
+    or without a .dcm suffix, also through a linked folder) name one scan. Other formats keep
+    their file as the image."""
+    series = tmp_path / "series"
+    bi.write_dicom_series(series, bi.ct_phantom((4, 8, 8)), file_names=["IM0001.dcm", "IM0002.dcm", "IM0003", "IM0004.dcm"])
+    (tmp_path / "alias").symlink_to(series)
+    bi.write_nifti(tmp_path / "series_copy" / "a.nii.gz", bi.ct_phantom((4, 8, 8)))
+    bi.write_nifti(tmp_path / "series_copy" / "b.nii.gz", bi.ct_phantom((4, 8, 8)))
+    path = tmp_path / "m.csv"
+    path.write_text("case_id,label,image_path\nfolder,covid,series\nfile,covid,series/IM0002.dcm\n"
+                    "bare,cap,series/IM0003\nlinked,normal,alias/IM0004.dcm\n"
+                    "nifti_a,normal,series_copy/a.nii.gz\nnifti_b,normal,series_copy/b.nii.gz\n")
+    for check_files in (True, False):
+        with pytest.raises(InputError) as caught:
+            load_manifest(path, check_files=check_files)
+        message = str(caught.value)
+        assert "1 problem(s)" in message
+        assert f"rows 1, 2, 3, 4 (cases 'folder', 'file', 'bare', 'linked') name the same image {series}:" in message
+
+
 def test_patient_id_is_optional_and_kept(tmp_path: Path) -> None:
     path = tmp_path / "m.csv"
     path.write_text("case_id,label,image_path,patient_id\na,covid,a.nii.gz, P1 \nb,NORMAL,b.nii.gz,\n")

@@ -386,6 +386,44 @@ def test_two_rows_naming_one_image_fail(cohort: Path, tmp_path: Path, vparams: d
         load_manifest(cohort)
 
 
+def test_case_ids_differing_only_in_letter_case_fail(cohort: Path, tmp_path: Path, vparams: dict) -> None:
+    """``case_0`` and ``CASE_0`` would share one output folder on a case-insensitive file system;
+    an exact duplicate stays case_id_unique's finding alone."""
+    rows = _read_manifest(cohort)
+    rows[1]["case_id"] = "CASE_0"
+    rows[3]["case_id"] = "case_2"
+    _write_manifest(cohort, rows)
+    message, failures = _fail(cohort, tmp_path / "report", vparams)
+    found = {(f["case_id"], f["check"]) for f in failures}
+    assert found == {("case_0", "case_id_unique_ignoring_case"), ("CASE_0", "case_id_unique_ignoring_case"),
+                     ("case_2", "case_id_unique")}, failures
+    assert "CASE_0: case_id_unique_ignoring_case failed" in message and "case_0: case_id_unique_ignoring_case" in message
+    checks = {c["name"]: c for c in json.loads((tmp_path / "report" / "validation.json").read_text())["checks"]}
+    assert checks["case_id_unique_ignoring_case"]["level"] == "blocking"
+    assert checks["case_id_unique_ignoring_case"]["n_findings"] == 2
+
+
+def test_a_dicom_file_and_its_series_folder_fail_image_unique(cohort: Path, tmp_path: Path, vparams: dict) -> None:
+    """read_ct reads the series of a DICOM file's folder: a row naming the folder and one naming a
+    file in it are the same scan, for the gate as for load_manifest."""
+    import broken_inputs as bi
+    from deepsc.data.manifest import load_manifest
+    from deepsc.errors import InputError
+
+    bi.write_dicom_series(cohort.parent / "series", bi.ct_phantom())
+    rows = _read_manifest(cohort)
+    rows[4]["image_path"] = "series"
+    rows[5]["image_path"] = "series/IM0003.dcm"
+    _write_manifest(cohort, rows)
+    _, failures = _fail(cohort, tmp_path / "report", vparams)
+    unique = {f["case_id"]: f for f in failures if f["check"] == "image_unique"}
+    assert set(unique) == {"case_4", "case_5"}, failures
+    assert unique["case_5"]["observed"] == str(cohort.parent / "series")
+    assert unique["case_5"]["detail"] == "image_path=series/IM0003.dcm"
+    with pytest.raises(InputError, match=r"rows 5, 6 \(cases 'case_4', 'case_5'\) name the same image"):
+        load_manifest(cohort)
+
+
 def test_the_gate_reads_the_file_the_pipeline_reads(cohort: Path, tmp_path: Path, vparams: dict) -> None:
     """``link/..`` with ``link`` a symbolic link: the manifest's resolver (``..`` collapsed first)
     names data/case_0.nii.gz, the operating system the link target's parent. Both read the former."""

@@ -1,8 +1,9 @@
 """The cohort manifest (``data/manifest.csv``): loading, validation, writing, importers.
 
-Columns (docs/architecture.md): ``case_id`` (unique, ``[A-Za-z0-9._-]+``), ``label``
-(covid | cap | normal, any letter case: read lower-cased), ``image_path`` (each scan once: two
-rows naming the same file are refused), ``mask_path`` (lesion mask, may be empty),
+Columns (docs/architecture.md): ``case_id`` (unique, ``[A-Za-z0-9._-]+``, and unique ignoring
+letter case: ids become folder names), ``label`` (covid | cap | normal, any letter case: read
+lower-cased), ``image_path`` (each scan once: two rows naming the same file, or a DICOM series
+folder and a file in it, are refused), ``mask_path`` (lesion mask, may be empty),
 ``lung_path`` (true lung mask, may be empty), ``source`` (free text), and optionally
 ``patient_id`` (free text, may be empty: the scans of one patient stay together in the split,
 see :mod:`deepsc.data.split`). In the file, paths are relative to the manifest's folder (or
@@ -126,15 +127,42 @@ def validate_manifest(frame: Any, *, check_files: bool = True) -> list[str]:
     for case, rows in rows_of.items():
         if case and len(rows) > 1:
             problems.append(f"case_id {case!r} appears in rows {', '.join(map(str, rows))}: ids must be unique")
+    problems += _ids_equal_ignoring_case(rows_of)
     problems += _shared_images(frame)
     if frame.empty:
         problems.append("the manifest has no rows")
     return problems
 
 
+def case_id_key(case: str) -> str:
+    """A key equal for two case ids that name one folder on a case-insensitive file system
+    (macOS, Windows shares): ``Case_01`` and ``case_01`` must not both be in a cohort."""
+    return case.casefold()
+
+
+def _ids_equal_ignoring_case(rows_of: Mapping[str, list[int]]) -> list[str]:
+    """One problem per group of distinct ids equal under :func:`case_id_key` (exact repeats of one
+    id are reported as not unique, not here)."""
+    groups: dict[str, list[str]] = {}
+    for case in rows_of:
+        if case:
+            groups.setdefault(case_id_key(case), []).append(case)
+    problems = []
+    for cases in groups.values():
+        if len(cases) > 1:
+            named = ", ".join(
+                f"{case!r} (row{'s' if len(rows_of[case]) > 1 else ''} {', '.join(map(str, rows_of[case]))})" for case in cases
+            )
+            problems.append(
+                f"case_ids {named} differ only in letter case: they would share one output folder on a case-insensitive "
+                "file system (macOS, Windows shares); ids must differ in more than letter case"
+            )
+    return problems
+
+
 def _shared_images(frame: Any) -> list[str]:
-    """One problem per image file named by several rows (symbolic links followed): the same scan
-    twice could land in both train and test."""
+    """One problem per image file (:func:`same_file_key`: links followed, a DICOM file counts as
+    its series folder) named by several rows: the same scan twice could land in both train and test."""
     rows_of: dict[str, list[tuple[int, str]]] = {}
     for row, record in enumerate(frame.to_dict("records"), start=1):
         if record["image_path"]:
@@ -148,7 +176,18 @@ def _shared_images(frame: Any) -> list[str]:
 
 
 def same_file_key(path: str) -> str:
-    """A key equal for two absolute paths that name the same file or folder (links resolved)."""
+    """A key equal for two absolute paths that name the same scan: the same file or folder (links
+    resolved), and a DICOM file stands for its folder, since :func:`deepsc.data.io.read_ct` reads
+    the series of the file's folder (a DICOM folder and a file in it, or two of its files, are one
+    scan). Used by the manifest check and the validation gate (``image_file``)."""
+    from deepsc.data.io import detect_format
+
+    if os.path.isfile(path):
+        try:
+            if detect_format(Path(path), "") == "dicom":
+                return os.path.realpath(os.path.dirname(path))
+        except InputError:  # not a supported image: the file itself is the key
+            pass
     return os.path.realpath(path)
 
 

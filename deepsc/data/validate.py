@@ -12,42 +12,45 @@ Every failing expectation is turned into findings (case, check, observed value) 
 ``unexpected_index_list``. Checks are *blocking* (GE severity ``critical``: the gate fails) or
 *warnings* (GE severity ``warning``: reported, the gate passes):
 
-=========================  ========  ==========================================================
-check                      level     expectation
-=========================  ========  ==========================================================
-required_column            blocking  case_id, label, image_path exist
-optional_column            warning   mask_path, lung_path, source exist
-has_cases                  blocking  the manifest has at least one row
-case_id_present / _unique  blocking  non-empty, unique case ids
-case_id_format             blocking  ``[A-Za-z0-9._-]+`` (ids become folder names)
-label_present / _known     blocking  label in covid | cap | normal (any letter case, as load_manifest)
-image_path_present         blocking  every row names an image
-image_exists               blocking  the image file exists
-image_unique               blocking  no two rows name the same image file (links followed)
-mask_exists / lung_exists  blocking  a named lesion / lung mask file exists
-mask_available             warning   covid and cap cases have a lesion mask
-class_present              blocking  every class has >= 1 case
-class_size                 warning   every class has >= ``min_cases_per_class`` cases
-readable                   blocking  the image reads (``read_ct``'s reason is the observed value;
-                                     it refuses truncated files, NaN / inf voxels, bad headers)
-is_3d                      blocking  3 dimensions
-spacing_min_mm / _max_mm   blocking  every voxel spacing within ``spacing_mm``
-slice_count                blocking  ``min_slices`` .. ``max_slices``
-intensity_is_hu            blocking  not 0-255 windowed, not MR-like (no negative values)
-hu_air                     blocking  1st percentile < ``air_p01_max_hu`` (air present)
-hu_min / hu_max            blocking  within ``hu_min_floor`` .. ``hu_max_ceiling``
-mask_readable              blocking  the lesion mask reads
-lung_available             blocking  the lung mask reads (lung_path) or segments (lungseg)
-mask_shape / lung_shape    blocking  the mask's (Z, Y, X) shape equals the image's
-mask_affine / lung_affine  blocking  the mask's voxel grid is within ``grid_tolerance_voxels`` of
-                                     the image's (largest corner distance / smallest spacing)
-mask_binary                blocking  lesion mask values in {0, 1}
-lesion_inside_lung         blocking  fraction of lesion voxels outside the ``lung_path`` mask
-                                     <= ``lesion_outside_lung_max``
-lesion_inside_segmented... warning   the same against the automatic lung mask (lungseg), which
-                                     tends to leave out dense lesions at the pleura
-normal_without_lesions     warning   normal cases with a mask have no lesion voxels
-=========================  ========  ==========================================================
+============================  ========  ==========================================================
+check                         level     expectation
+============================  ========  ==========================================================
+required_column               blocking  case_id, label, image_path exist
+optional_column               warning   mask_path, lung_path, source exist
+has_cases                     blocking  the manifest has at least one row
+case_id_present / _unique     blocking  non-empty, unique case ids
+case_id_unique_ignoring_case  blocking  no two distinct ids equal ignoring letter case (``Case_01``,
+                                        ``case_01``: one folder on macOS / Windows file systems)
+case_id_format                blocking  ``[A-Za-z0-9._-]+`` (ids become folder names)
+label_present / _known        blocking  label in covid | cap | normal (any letter case, as load_manifest)
+image_path_present            blocking  every row names an image
+image_exists                  blocking  the image file exists
+image_unique                  blocking  no two rows name the same image file (links followed; a
+                                        DICOM file counts as its series folder, as read_ct reads it)
+mask_exists / lung_exists     blocking  a named lesion / lung mask file exists
+mask_available                warning   covid and cap cases have a lesion mask
+class_present                 blocking  every class has >= 1 case
+class_size                    warning   every class has >= ``min_cases_per_class`` cases
+readable                      blocking  the image reads (``read_ct``'s reason is the observed value;
+                                        it refuses truncated files, NaN / inf voxels, bad headers)
+is_3d                         blocking  3 dimensions
+spacing_min_mm / _max_mm      blocking  every voxel spacing within ``spacing_mm``
+slice_count                   blocking  ``min_slices`` .. ``max_slices``
+intensity_is_hu               blocking  not 0-255 windowed, not MR-like (no negative values)
+hu_air                        blocking  1st percentile < ``air_p01_max_hu`` (air present)
+hu_min / hu_max               blocking  within ``hu_min_floor`` .. ``hu_max_ceiling``
+mask_readable                 blocking  the lesion mask reads
+lung_available                blocking  the lung mask reads (lung_path) or segments (lungseg)
+mask_shape / lung_shape       blocking  the mask's (Z, Y, X) shape equals the image's
+mask_affine / lung_affine     blocking  the mask's voxel grid is within ``grid_tolerance_voxels`` of
+                                        the image's (largest corner distance / smallest spacing)
+mask_binary                   blocking  lesion mask values in {0, 1}
+lesion_inside_lung            blocking  fraction of lesion voxels outside the ``lung_path`` mask
+                                        <= ``lesion_outside_lung_max``
+lesion_inside_segmented_lung  warning   the same against the automatic lung mask (lungseg), which
+                                        tends to leave out dense lesions at the pleura
+normal_without_lesions        warning   normal cases with a mask have no lesion voxels
+============================  ========  ==========================================================
 
 Checks on values that could not be measured (unreadable image, no mask) see a missing value,
 which great-expectations skips, so each problem is reported once, by the check that names it.
@@ -71,7 +74,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from deepsc import CLASSES
 from deepsc.config import outputs_dir, section
-from deepsc.data.manifest import CASE_ID_REGEX, manifest_folder, normalise_label, resolve_path, same_file_key
+from deepsc.data.manifest import (
+    CASE_ID_REGEX, case_id_key, manifest_folder, normalise_label, resolve_path, same_file_key,
+)
 from deepsc.data.volume import atomic_write_bytes
 from deepsc.data.volume_checks import VOLUME_COLUMNS, CaseFiles, LungSegmenter, measure_case
 from deepsc.errors import ConfigError, InputError, ValidationFailed
@@ -188,6 +193,7 @@ def manifest_checks() -> list[Check]:
         _check("has_cases", True, gxe.ExpectTableRowCountToBeBetween, min_value=1),
         _check("case_id_present", True, gxe.ExpectColumnValuesToNotBeNull, column="case_id"),
         _check("case_id_unique", True, gxe.ExpectColumnValuesToBeUnique, column="case_id"),
+        _check("case_id_unique_ignoring_case", True, gxe.ExpectColumnValuesToBeUnique, column="case_id_folded"),
         _check("case_id_format", True, gxe.ExpectColumnValuesToMatchRegex, column="case_id", regex=CASE_ID_PATTERN),
         _check("label_present", True, gxe.ExpectColumnValuesToNotBeNull, column="label"),
         _check("label_known", True, gxe.ExpectColumnValuesToBeInSet, column="label", value_set=list(CLASSES)),
@@ -450,8 +456,22 @@ def resolve_files(frame: "pd.DataFrame", root: Path) -> "pd.DataFrame":
     for column, flag in (("image_path", "image_exists"), ("mask_path", "mask_exists"), ("lung_path", "lung_exists")):
         frame[flag] = [_resolve(root, p).exists() if _present(p) else None for p in frame[column]]
     frame["image_file"] = [same_file_key(str(_resolve(root, p))) if _present(p) else None for p in frame["image_path"]]
+    frame["case_id_folded"] = _folded_case_ids(frame["case_id"])
     frame["has_mask"] = [_present(p) for p in frame["mask_path"]]
     return frame
+
+
+def _folded_case_ids(case_ids: Any) -> list[str | None]:
+    """:func:`~deepsc.data.manifest.case_id_key` of each id at its first row, None at repeats of
+    an id (case_id_unique reports those) and for missing ids: only distinct ids that differ in
+    letter case alone collide in this column."""
+    seen: set[str] = set()
+    folded: list[str | None] = []
+    for case in case_ids:
+        folded.append(case_id_key(str(case)) if _present(case) and str(case) not in seen else None)
+        if _present(case):
+            seen.add(str(case))
+    return folded
 
 
 def iter_cases(frame: "pd.DataFrame", root: Path) -> Iterator[CaseFiles]:
