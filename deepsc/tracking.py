@@ -120,6 +120,7 @@ def ensure_experiment(params: Mapping[str, Any]) -> str:
     name = str((params.get("mlflow") or {}).get("experiment") or "deepsc-covid")
     client = mlflow.MlflowClient(uri)
     try:
+        _probe_http_store(uri, name)
         experiment = client.get_experiment_by_name(name)
     except (MlflowException, OSError) as exc:  # no server there, or a store it cannot open
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
@@ -135,6 +136,26 @@ def ensure_experiment(params: Mapping[str, Any]) -> str:
     if experiment.lifecycle_stage != "active":
         raise ConfigError(f"MLflow experiment '{name}' is deleted: restore it or set mlflow.experiment to another name")
     return experiment.experiment_id
+
+
+PROBE_RETRIES = 2
+PROBE_TIMEOUT_S = 15
+
+
+def _probe_http_store(uri: str, experiment: str) -> None:
+    """One quick request to an HTTP tracking server before the real calls, so that nothing
+    listening fails in seconds: mlflow's own 7 retries with backoff 2 take about 4 minutes to
+    report a refused connection. Any HTTP answer, even an error status, counts as reachable
+    (the real call then reports it, with mlflow's retries for transient errors). Auth, TLS and
+    proxy settings are mlflow's own (its host credentials and ``requests``)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.utils import rest_utils
+    from mlflow.utils.credentials import get_default_host_creds
+
+    rest_utils.http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/get-by-name", "GET",
+                            max_retries=PROBE_RETRIES, backoff_factor=1, timeout=PROBE_TIMEOUT_S,
+                            raise_on_status=False, params={"experiment_name": experiment})
 
 
 @contextmanager

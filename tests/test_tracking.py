@@ -163,12 +163,24 @@ def test_a_pinned_revision_names_the_runs_of_a_container_without_git(tmp_path, m
     assert tags["code_version"] == __version__  # the container's code, which the revision does not pin
 
 
-def test_an_unreachable_tracking_server_is_a_settings_error(params, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+def test_an_unreachable_tracking_server_is_a_settings_error_in_seconds(params, monkeypatch):
+    """With mlflow's default retries (7, backoff 2) a refused connection took about 4 minutes
+    to report; one bounded probe reports it before any call with those retries is made."""
+    from mlflow.utils import rest_utils
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    calls, real = [], rest_utils.http_request
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("max_retries"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rest_utils, "http_request", spy)
     with pytest.raises(ConfigError, match="cannot reach the MLflow tracking store http://127.0.0.1:9"):
         tracking.ensure_experiment(params)
+    assert calls == [tracking.PROBE_RETRIES]
 
 
 def test_an_epoch_that_cannot_be_logged_does_not_stop_training(tracked, monkeypatch, caplog):
@@ -190,3 +202,41 @@ def test_an_undefined_metric_replaces_an_earlier_value(tracked):
         tracking.log_metrics({"test_rmsd_mm_mean": float("nan"), "label": "x"})
     value = _client().get_run(run.info.run_id).data.metrics["test_rmsd_mm_mean"]
     assert value != value  # NaN: the earlier 4.0 is not left standing
+
+
+@pytest.mark.slow
+def test_a_live_tracking_server_passes_the_probe_and_records_the_run(params, monkeypatch, tmp_path):
+    """The HTTP path end to end: a real ``mlflow server`` on 127.0.0.1, as in the k8s set-up."""
+    import shutil
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    server = subprocess.Popen(
+        [mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        settings = copy.deepcopy(params)
+        settings["mlflow"]["experiment"] = "live"
+        with tracking.start_run(settings, "live-run", "evaluate") as run:
+            tracking.log_metrics({"test_accuracy": 0.5})
+        assert _client().get_run(run.info.run_id).data.metrics["test_accuracy"] == 0.5
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
