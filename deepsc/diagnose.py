@@ -522,7 +522,7 @@ def diagnose(scan: str | os.PathLike, model: str | os.PathLike = DEFAULT_MODEL, 
 
 def write_outputs(volume: CTVolume, result: Diagnosis, out_dir: Path) -> list[Path]:
     """Mask, evidence NIfTIs and report.html, staged and moved into ``out_dir`` together."""
-    from deepsc.data.volume import atomic_write_bytes
+    from deepsc.data.volume import atomic_write_bytes, fsync_folder
     from deepsc.report import diagnosis_figures, diagnosis_html
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -543,6 +543,7 @@ def write_outputs(volume: CTVolume, result: Diagnosis, out_dir: Path) -> list[Pa
         for path in sorted(staging.iterdir()):
             os.replace(path, out_dir / path.name)
             written.append(out_dir / path.name)
+        fsync_folder(out_dir)
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -387,3 +387,32 @@ def test_input_errors_cross_process_boundaries():
     error = pickle.loads(pickle.dumps(InputError("ct_0007", "slice positions have a gap of 10 mm")))
     assert isinstance(error, InputError) and (error.case, error.problem) == ("ct_0007", "slice positions have a gap of 10 mm")
     assert str(error) == "ct_0007: slice positions have a gap of 10 mm"
+
+
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path: Path, monkeypatch) -> None:
+    """A power cut must not leave an empty or truncated file under the final name."""
+    import os
+
+    from deepsc.data import volume
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "out" / "case.bin"
+    volume.atomic_write_bytes(target, b"payload")
+    assert target.read_bytes() == b"payload"
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert Path(events[0][1]).parent == target.parent and Path(events[0][1]).name.endswith(".tmp")
+    assert events[2][1] == str(target.parent)
+    assert list(target.parent.iterdir()) == [target]

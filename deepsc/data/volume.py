@@ -159,7 +159,9 @@ def shareable_mode(directory: bool = False) -> int:
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
     """Write a file so that readers see either the old or the complete new content.
 
-    The file gets the umask's mode, as a plain ``open`` would give it."""
+    The file gets the umask's mode, as a plain ``open`` would give it. Its bytes reach the disk
+    before the rename, and the rename before this returns (``fsync`` of the file, then of the
+    folder), so a power cut cannot leave an empty or truncated file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -167,10 +169,28 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
         os.fchmod(fd, shareable_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make a rename inside ``folder`` durable. Best effort: some file systems (and Windows)
+    cannot open or sync a folder, and the rename itself has already happened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_nifti(volume: CTVolume, path: str | os.PathLike, dtype: Any | None = None) -> Path:
