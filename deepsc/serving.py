@@ -155,9 +155,8 @@ class DeepSCPyfunc(mlflow.pyfunc.PythonModel):
     def _diagnose_request(self, request: Mapping[str, Any], tmp: Path) -> dict[str, Any]:
         from mlflow.exceptions import MlflowException
 
-        from deepsc.errors import InputError
-
         from deepsc.diagnose import reset_peak_rss
+        from deepsc.errors import InputError
 
         try:
             scope = "request" if reset_peak_rss() else "process"  # requests run one at a time

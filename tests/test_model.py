@@ -227,6 +227,19 @@ def test_task_aware_loss_reaches_both_subnets():
         assert changed, f"the task-aware loss did not change any gradient under {prefix}"
 
 
+def test_seg_loss_reaches_the_classification_stem_only_through_the_cross_stitch():
+    """What the network docstring claims: the seg loss trains the classification path's stem (via
+    the cross-stitch) but not its encoder units or FC layer (only the task-aware loss does)."""
+    model, batch = tiny_model(), tiny_batch()
+    g = grads(model, total_loss(run(model, batch), batch, LossConfig())["seg"])
+    reached = {prefix: any(nonzero(grad) for name, grad in g.items() if name.startswith(prefix))
+               for prefix in ("cls_stem.", "classifier.units.", "classifier.fc.")}
+    assert reached == {"cls_stem.": True, "classifier.units.": False, "classifier.fc.": False}
+    off = tiny_model(cross_stitch=False)
+    g = grads(off, total_loss(run(off, batch), batch, LossConfig())["seg"])
+    assert not any(nonzero(grad) for name, grad in g.items() if name.startswith(("cls_stem.", "classifier.")))
+
+
 def test_lambda_ta_zero_gives_exactly_the_loss_without_the_term():
     model, batch = tiny_model(), tiny_batch()
     cfg = LossConfig(lambda_ta=0.0)

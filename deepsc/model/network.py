@@ -31,8 +31,9 @@ stretched to [0, 1]), then cropped at the patch box (:mod:`deepsc.model.coords`)
 
 Every patch <-> scan meeting (cross-stitch both ways, S_hat into the classifier, evidence crops,
 whole-scan inference) goes through :mod:`deepsc.model.coords`. Nothing in the joint path is
-detached: the cls loss reaches the lesion subnet through S_hat and the cross-stitch, and the
-seg and task-aware losses reach the classification subnet through the cross-stitch and V_i.
+detached: the cls loss reaches the lesion subnet through S_hat and the cross-stitch; the seg
+loss reaches the classification path's stem (its inception block, via the cross-stitch) but not
+its encoder units, which the task-aware loss reaches through V_i (tests/test_model.py).
 """
 
 from __future__ import annotations
