@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.e2e_helpers import stop_process
+from tests.e2e_helpers import free_port, stop_process
 
 from deepsc import CLASSES
 from test_diagnose import synthetic_ct
@@ -171,12 +170,6 @@ def test_constructor_rejects_bad_limits():
 # ----------------------------------------------------------------------------- real server
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _post(port: int, body: dict | str, timeout: float = 120.0) -> tuple[int, dict]:
     data = (body if isinstance(body, str) else json.dumps(body)).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=data,
@@ -216,7 +209,7 @@ def registered(tmp_path, monkeypatch):
 def served_model(registered, tmp_path):
     """`mlflow models serve -m models:/deepsc-covid@champion` on a free 127.0.0.1 port."""
     _, uri, result = registered
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": "300"}
     command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{result.model_name}@champion",
                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]

@@ -208,14 +208,13 @@ def test_an_undefined_metric_replaces_an_earlier_value(tracked):
 def test_a_live_tracking_server_passes_the_probe_and_records_the_run(params, monkeypatch, tmp_path):
     """The HTTP path end to end: a real ``mlflow server`` on 127.0.0.1, as in the k8s set-up."""
     import shutil
-    import socket
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from tests.e2e_helpers import free_port, stop_process
+
+    port = free_port()
     mlflow_cli = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     server = subprocess.Popen(
         [mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -238,5 +237,4 @@ def test_a_live_tracking_server_passes_the_probe_and_records_the_run(params, mon
             tracking.log_metrics({"test_accuracy": 0.5})
         assert _client().get_run(run.info.run_id).data.metrics["test_accuracy"] == 0.5
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_process(server, timeout=30)
